@@ -1,0 +1,180 @@
+"""Replay a reference-TRM fixture through our model and measure the differences.
+
+Fixture format: see tests/fixtures/reference_trm/README.md. Train steps run in training
+mode from one persistent carry (weights fixed, gradients of the un-normalised loss at the
+recorded steps); eval steps run again from a fresh carry.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kellen.interop.torch_names import params_to_torch, torch_to_weights
+from kellen.model.act import act_step, initial_carry
+from kellen.model.config import TRMConfig
+
+# Tolerances from the fidelity spec (relative error = max|ours-ref| / max|ref|).
+TOL_OUTPUT = 1e-5
+TOL_GRAD = 1e-4
+AMBIGUOUS_MARGIN = 1e-4  # argmax may legitimately differ where the top-two logits are this close
+EXACT = ("halted", "steps", "current_data/inputs", "current_data/labels", "current_data/puzzle_identifiers")
+FLOAT_OUTPUTS = ("logits", "q_halt_logits", "q_continue_logits", "z_H", "z_L")
+# The recursion can amplify float32 rounding (the MLP-T fixture grows it ~5x per carried ACT
+# step), so an error is also accepted when it is within this factor of our own float32-vs-
+# float64 difference at that step: the reference is a float32 computation with the same floor.
+NOISE_FACTOR = 4.0
+
+
+def config_from_meta(meta: dict) -> TRMConfig:
+    arch = dict(meta["arch"])
+    arch.update(seq_len=meta["seq_len"], vocab_size=meta["vocab_size"],
+                num_puzzle_identifiers=meta["num_puzzle_identifiers"])
+    return TRMConfig.from_dict(arch, where="fixture meta_json")
+
+
+@dataclass
+class ParityReport:
+    """Per quantity, the step whose error is largest relative to what that step allows."""
+    rows: Dict[str, List[float]] = field(default_factory=dict)  # quantity -> [error, allowed]
+
+    def add(self, quantity: str, err: float, allowed: float) -> None:
+        ratio = lambda e, a: (0.0 if e == 0 else float("inf")) if a == 0 else e / a
+        old = self.rows.get(quantity)
+        if old is None or ratio(err, allowed) > ratio(*old) or (err > old[0] and ratio(err, allowed) == ratio(*old)):
+            self.rows[quantity] = [float(err), float(allowed)]
+
+    @property
+    def failures(self) -> List[str]:
+        return [q for q, (err, allowed) in self.rows.items() if not err <= allowed]
+
+    def format(self) -> str:
+        lines = [f"{'quantity':58s} {'max error':>11s} {'allowed':>10s}"]
+        for q, (err, allowed) in self.rows.items():
+            flag = "" if err <= allowed else "  FAIL"
+            lines.append(f"{q:58s} {err:11.3e} {allowed:10.1e}{flag}")
+        lines.append("PASS" if not self.failures else f"FAIL: {len(self.failures)} quantities out of tolerance")
+        return "\n".join(lines)
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    if ours.shape != ref.shape:
+        return float("inf")
+    scale = np.max(np.abs(ref)) if ref.size else 0.0
+    diff = np.max(np.abs(ours - ref)) if ref.size else 0.0
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def _mismatch_count(ours, ref) -> float:
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    return float("inf") if ours.shape != ref.shape else float(np.sum(ours != ref))
+
+
+def _top2_margin(logits):
+    top2 = np.sort(np.asarray(logits, np.float64), axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+def _noise(ours32, ours64) -> float:
+    """Our own float32 error against our float64 replay: the floor no float32 port can beat."""
+    return rel_err(ours32, ours64)
+
+
+def _flatten(res) -> Dict[str, np.ndarray]:
+    """One step's results as name -> array, names as in the fixture (grads in torch names)."""
+    out, carry = res["outputs"], res["carry"]
+    flat = {"logits": out["logits"], "q_halt_logits": out["q_halt_logits"],
+            "q_continue_logits": out["q_continue_logits"], "z_H": carry.z_H, "z_L": carry.z_L,
+            "halted": carry.halted, "steps": carry.steps, "preds": out["preds"], "loss": res["loss"]}
+    flat.update({f"current_data/{k}": v for k, v in carry.data.items()})
+    flat.update({f"metric/{k}": v for k, v in res["metrics"].items()})
+    if res["grads"] is not None:
+        flat.update({f"grad/{k}": v for k, v in res["grads_torch"].items()})
+        if res["grads"]["puzzle_rows"] is not None:
+            flat["grad/puzzle_emb.local_weights"] = res["grads"]["puzzle_rows"]
+    return {k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+            for k, v in flat.items()}
+
+
+def _compare_step(report: ParityReport, fx, prefix: str, ours, shadow) -> None:
+    """`ours` is the float32 replay, `shadow` the float64 one (same code, wider floats)."""
+    def check(q, tol, name=None):
+        ref = fx[f"{prefix}/{q}"]
+        report.add(name or q, rel_err(ours[q], ref), max(tol, NOISE_FACTOR * _noise(ours[q], shadow[q])))
+
+    for q in FLOAT_OUTPUTS + ("loss", "metric/lm_loss", "metric/q_halt_loss"):
+        if f"{prefix}/{q}" in fx:
+            check(q, TOL_OUTPUT)
+    for q in EXACT:
+        report.add(f"{q} (mismatches)", _mismatch_count(ours[q], fx[f"{prefix}/{q}"]), 0)
+    for q in (k[len(prefix) + 1:] for k in fx if k.startswith(f"{prefix}/grad/")):
+        if q not in ours:
+            report.add(f"{q} (no such parameter here)", float("inf"), TOL_GRAD)
+            continue
+        check(q, TOL_GRAD, name=re.sub(r"^grad/model\.inner\.", "grad/", q))
+
+    # Argmax-derived quantities are exact, except where the reference's top-two margin is
+    # below 1e-4 or below the float32 noise of the logits at this step.
+    ref_logits = fx[f"{prefix}/logits"]
+    logit_noise = NOISE_FACTOR * float(np.max(np.abs(ours["logits"] - shadow["logits"])))
+    ambiguous = _top2_margin(ref_logits) < max(AMBIGUOUS_MARGIN, logit_noise)
+    report.add("preds (mismatches at unambiguous positions)",
+               float(np.sum((ours["preds"] != fx[f"{prefix}/preds"]) & ~ambiguous)), 0)
+    labels = fx[f"{prefix}/current_data/labels"]
+    valid = np.asarray(fx[f"{prefix}/halted"]) & ((labels != -100).sum(-1) > 0)
+    amb_rows = float(np.sum(valid & (ambiguous & (labels != -100)).any(-1)))
+    for name in ("count", "steps"):
+        report.add(f"metric/{name} (abs diff)", abs(float(ours[f"metric/{name}"]) - fx[f"{prefix}/metric/{name}"]), 0)
+    for name in ("accuracy", "exact_accuracy", "q_halt_accuracy"):
+        # An ambiguous row can move a row-level metric by at most 1; float32 sums add ~1e-7.
+        err = abs(float(ours[f"metric/{name}"]) - fx[f"{prefix}/metric/{name}"])
+        report.add(f"metric/{name} (abs diff beyond ambiguous rows)", max(0.0, err - amb_rows), 1e-5)
+
+
+def replay(cfg: TRMConfig, weights, batches, record) -> Dict[str, Dict[str, np.ndarray]]:
+    """Run the fixture's train then eval sequences; return flattened results at recorded prefixes."""
+    results = {}
+    rng = jax.random.PRNGKey(0)  # exploration is off in fixtures (halt_exploration_prob = 0)
+    for mode in ("train", "eval"):
+        training = mode == "train"
+        step = jax.jit(lambda w, c, b, r: act_step(cfg, w, c, b, training=training, rng=r, with_grads=training))
+        carry = initial_carry(cfg, batches[0])
+        for t, batch in enumerate(batches):
+            res = jax.device_get(step(weights, carry, batch, rng))
+            carry = step_carry = res["carry"]
+            if f"{mode}/step{t}" in record:
+                if res["grads"] is not None:
+                    res["grads_torch"] = params_to_torch({"params": res["grads"]["params"]}, cfg, only_params=True)
+                results[f"{mode}/step{t}"] = _flatten(res)
+            carry = jax.tree_util.tree_map(jnp.asarray, step_carry)
+    return results
+
+
+def run_parity(path: str) -> ParityReport:
+    """Replay every train and eval step of the fixture at `path`; see module docstring."""
+    fx = dict(np.load(path))
+    meta = json.loads(str(fx["meta_json"]))
+    cfg = config_from_meta(meta)
+    state = {k[len("param/"):]: v for k, v in fx.items() if k.startswith("param/")}
+    weights = torch_to_weights(state, cfg, source=path)
+    batches = [{k: jnp.asarray(fx[f"batch{t}/{k}"]) for k in ("inputs", "labels", "puzzle_identifiers")}
+               for t in range(meta["steps"])]
+    record = {k.rsplit("/", 1)[0] for k in fx if k.endswith("/loss")}
+
+    with jax.default_matmul_precision("highest"):  # TPUs default to bf16 passes for f32 matmuls
+        ours = replay(cfg, jax.tree_util.tree_map(jnp.asarray, weights), batches, record)
+        with jax.enable_x64(True):
+            cfg64 = cfg.replace(forward_dtype="float64")
+            w64 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)), weights)
+            b64 = [{k: jnp.asarray(np.asarray(v)) for k, v in b.items()} for b in batches]
+            shadow = replay(cfg64, w64, b64, record)
+    report = ParityReport()
+    for prefix in sorted(record):
+        _compare_step(report, fx, prefix, ours[prefix], shadow[prefix])
+    return report

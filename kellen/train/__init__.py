@@ -1,0 +1,1 @@
+"""Training: optimizers, LR schedules, puzzle-embedding sign-SGD and EMA."""
