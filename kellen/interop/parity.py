@@ -6,6 +6,7 @@ recorded steps); eval steps run again from a fresh carry.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -178,3 +179,27 @@ def run_parity(path: str) -> ParityReport:
     for prefix in sorted(record):
         _compare_step(report, fx, prefix, ours[prefix], shadow[prefix])
     return report
+
+
+def write_fixture(path: str, cfg: TRMConfig, weights, batches, *, z_steps=None, grad_steps=(0, 2)) -> None:
+    """Write a fixture in the reference format from OUR model (for configs the reference
+    fixtures do not cover, and for cross-backend checks, e.g. a GPU run against a CPU one)."""
+    z_steps = set(z_steps if z_steps is not None else (0, len(batches) - 1))
+    record = {f"{m}/step{t}" for m in ("train", "eval") for t in range(len(batches))}
+    results = replay(cfg, jax.tree_util.tree_map(jnp.asarray, weights), batches, record)
+    meta = {"name": "kellen", "arch": {k: v for k, v in dataclasses.asdict(cfg).items()
+                                       if k not in ("seq_len", "vocab_size", "num_puzzle_identifiers")},
+            "batch_size": int(batches[0]["inputs"].shape[0]), "seq_len": cfg.seq_len,
+            "vocab_size": cfg.vocab_size, "num_puzzle_identifiers": cfg.num_puzzle_identifiers,
+            "steps": len(batches)}
+    out = {"meta_json": np.asarray(json.dumps(meta))}
+    out.update({f"param/{k}": v for k, v in params_to_torch(weights, cfg).items()})
+    for t, b in enumerate(batches):
+        out.update({f"batch{t}/{k}": np.asarray(v) for k, v in b.items()})
+    for prefix, flat in results.items():
+        t = int(prefix.rsplit("step", 1)[1])
+        for k, v in flat.items():
+            if (k.startswith("z_") and t not in z_steps) or (k.startswith("grad/") and t not in grad_steps):
+                continue
+            out[f"{prefix}/{k}"] = v
+    np.savez(path, **out)
