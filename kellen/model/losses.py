@@ -26,11 +26,6 @@ def _stablemax_s(x):
     return jnp.where(x < 0, 1.0 / (1.0 - jnp.minimum(x, 0.0)), x + 1.0)
 
 
-def log_stablemax(x, axis=-1):
-    s = _stablemax_s(x)
-    return jnp.log(s) - jnp.log(jnp.sum(s, axis=axis, keepdims=True))
-
-
 def _pick(logprobs, labels, mask):
     safe = jnp.where(mask, labels, 0).astype(jnp.int32)
     picked = jnp.take_along_axis(logprobs, safe[..., None], axis=-1)[..., 0]
