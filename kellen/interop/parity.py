@@ -147,13 +147,13 @@ def replay(cfg: TRMConfig, weights, batches, record) -> Dict[str, Dict[str, np.n
         step = jax.jit(lambda w, c, b, r: act_step(cfg, w, c, b, training=training, rng=r, with_grads=training))
         carry = initial_carry(cfg, batches[0])
         for t, batch in enumerate(batches):
-            res = jax.device_get(step(weights, carry, batch, rng))
-            carry = step_carry = res["carry"]
+            res = step(weights, carry, batch, rng)
+            carry = res["carry"]  # stays on device; only recorded steps come to the host
             if f"{mode}/step{t}" in record:
+                res = jax.device_get(res)
                 if res["grads"] is not None:
                     res["grads_torch"] = params_to_torch({"params": res["grads"]["params"]}, cfg, only_params=True)
                 results[f"{mode}/step{t}"] = _flatten(res)
-            carry = jax.tree_util.tree_map(jnp.asarray, step_carry)
     return results
 
 

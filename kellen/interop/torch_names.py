@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from kellen.model.config import TRMConfig
-from kellen.model.trm import weight_shapes
+from kellen.model.trm import dtype_of, weight_shapes
 
 PREFIX = "model.inner."
 # Buffers the reference may carry that hold no learned state (recomputed or scratch).
@@ -113,8 +113,7 @@ def torch_to_weights(state_dict: Mapping[str, Any], cfg: TRMConfig, source: str 
         n = missing[0]
         raise TensorMismatch(f"{source}: missing tensor '{n}' (expected shape {slots[n].torch_shape})"
                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    fdt = np.dtype(cfg.forward_dtype) if cfg.forward_dtype != "bfloat16" else jax.numpy.bfloat16
-    out["z_init"] = {k: np.asarray(v).astype(fdt) for k, v in out["z_init"].items()}
+    out["z_init"] = {k: np.asarray(v).astype(dtype_of(cfg)) for k, v in out["z_init"].items()}
     return out
 
 
