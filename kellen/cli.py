@@ -1,4 +1,4 @@
-"""The `kellen` command: parity, import-torch, demo."""
+"""The `kellen` command: data, parity, import-torch, demo."""
 from __future__ import annotations
 
 import argparse
@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kellen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from kellen.data.cli import add_parser as add_data_parser
+
+    add_data_parser(sub)
+
     p = sub.add_parser("parity", help="replay reference-TRM fixtures and check our outputs match")
     p.add_argument("fixtures", nargs="+", metavar="FIXTURE.npz")
     p.set_defaults(fn=cmd_parity)
@@ -87,7 +91,8 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        print(f"kellen {args.command}: error: {e}", file=sys.stderr)
+        name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+        print(f"kellen {name}: error: {e}", file=sys.stderr)
         return 2
 
 
