@@ -7,16 +7,14 @@ replaced unless asked (`force`), and even then only once the new one is complete
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
-import time
-from typing import Dict, Iterator, List
+from typing import Iterator
 
 import numpy as np
 
-from kellen.data.format import DataError, Metadata, write_identifiers, write_split
+from kellen.data.format import DataError
 
 
 def check_output(out: str, force: bool) -> None:
@@ -53,34 +51,21 @@ def atomic_dir(out: str, force: bool = False) -> Iterator[str]:
         raise
 
 
-def write_dataset(out: str, splits: Dict[str, tuple], identifiers: List[str], build_info: dict,
-                  force: bool = False) -> str:
-    """Write `{split: (Metadata, {set: arrays})}` to `out` (local or gs://), atomically."""
+@contextlib.contextmanager
+def output_dir(out: str, force: bool = False) -> Iterator[str]:
+    """A local directory to fill; it becomes `out` only if the body finishes. For gs:// the
+    tree is built locally, then uploaded with the dataset.json files last, so a reader never
+    sees a partial dataset."""
     from kellen import gcs
 
-    def fill(root: str) -> None:
-        for split, (meta, arrays_by_set) in splits.items():
-            assert isinstance(meta, Metadata)
-            write_split(os.path.join(root, split), meta, arrays_by_set)
-        write_identifiers(root, identifiers)
-        with open(os.path.join(root, "build.json"), "w") as f:
-            json.dump({**build_info, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1, default=_plain)
-
-    if gcs.is_gcs(out):
-        check_output(out, force)
-        with tempfile.TemporaryDirectory() as tmp:
-            fill(tmp)
-            gcs.upload_tree(tmp, out)  # uploads the dataset.json files last
-        return out
-    with atomic_dir(out, force) as tmp:
-        fill(tmp)
-    return out
-
-
-def _plain(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)
+    if not gcs.is_gcs(out):
+        with atomic_dir(out, force) as tmp:
+            yield tmp
+        return
+    check_output(out, force)
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tmp
+        gcs.upload_tree(tmp, out)
 
 
 def subsample(q: np.ndarray, a: np.ndarray, size, rng: np.random.Generator):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import time
 
 import numpy as np
 
@@ -17,6 +19,9 @@ def _sources(args, tmp: str, kind: str):
     if not args.csv and not args.generate:
         raise fmt.DataError("give --csv FILE|DIR or --generate N")
     train = test = None
+    for path in filter(None, (args.csv, args.test_csv)):
+        if not os.path.exists(path):
+            raise fmt.DataError(f"{path}: missing file")
     if args.csv:
         if os.path.isdir(args.csv):
             train, test = os.path.join(args.csv, "train.csv"), os.path.join(args.csv, "test.csv")
@@ -51,7 +56,8 @@ def _generate(kind, args, n, seed, path):
 
 
 def cmd_build(args) -> int:
-    from kellen import gcs
+    import tempfile
+
     from kellen.data import maze, sudoku
 
     kind = args.data_command
@@ -60,7 +66,6 @@ def cmd_build(args) -> int:
         raise fmt.DataError(f"--subsample-size must be >= 1, got {args.subsample_size}")
     if kind == "sudoku" and args.num_aug < 0:
         raise fmt.DataError(f"--num-aug must be >= 0, got {args.num_aug}")
-    import tempfile
     with tempfile.TemporaryDirectory() as scratch:
         train_csv, test_csv = _sources(args, scratch, kind)
         rng = np.random.default_rng(args.seed)
@@ -81,31 +86,13 @@ def cmd_build(args) -> int:
         info = {**{k: v for k, v in vars(args).items() if k not in ("fn", "command", "data_command", "out")},
                 "kind": kind, "train_csv": os.path.abspath(train_csv) if args.csv else "generated",
                 "test_csv": os.path.abspath(test_csv) if (args.csv or args.test_csv) else "generated"}
-        with build.atomic_dir(args.out, args.force) if not gcs.is_gcs(args.out) else _gcs_target(args) as root:
+        with build.output_dir(args.out, args.force) as root:
             _fill(root, splits, info, scratch if args.generate or args.test_generate else None)
     print_info(args.out)
     return 0
 
 
-def _gcs_target(args):
-    """Build locally, then upload (dataset.json files last, so readers never see a partial tree)."""
-    import contextlib
-    import tempfile
-
-    from kellen import gcs
-
-    @contextlib.contextmanager
-    def target():
-        with tempfile.TemporaryDirectory() as tmp:
-            yield tmp
-            gcs.upload_tree(tmp, args.out)
-    return target()
-
-
 def _fill(root, splits, info, scratch):
-    import json as _json
-    import shutil
-    import time
 
     for split, (meta, arrays) in splits.items():
         fmt.write_split(os.path.join(root, split), meta, arrays)
@@ -113,7 +100,7 @@ def _fill(root, splits, info, scratch):
     if scratch and os.path.isdir(os.path.join(scratch, "source")):
         shutil.copytree(os.path.join(scratch, "source"), os.path.join(root, "source"))
     with open(os.path.join(root, "build.json"), "w") as f:
-        _json.dump({**info, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1)
+        json.dump({**info, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=1)
 
 
 def describe(root: str) -> str:
