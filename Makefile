@@ -21,6 +21,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/compile_time.py
+	$(BIN)/python bench/sudoku_build.py
+	$(BIN)/python bench/sampler.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
