@@ -132,6 +132,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def build_from_spec(out: str, spec) -> None:
+    """Build a generated dataset from a config's `data_build` node (same path as the CLI)."""
+    argv = [spec.kind, "--out", out, "--generate", str(spec.generate), "--test-generate", str(spec.test_generate),
+            "--seed", str(spec.seed)]
+    if spec.kind == "sudoku":
+        argv += ["--num-aug", str(spec.num_aug), "--min-clues", str(spec.min_clues)]
+    elif spec.kind == "maze":
+        argv += ["--size", str(spec.size), "--min-path-len", str(spec.min_path_len)] + (["--aug"] if spec.aug else [])
+    else:
+        raise fmt.DataError(f"data_build.kind={spec.kind!r} must be sudoku or maze")
+    parser = argparse.ArgumentParser(prog="kellen")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data"] + argv)
+    args.fn(args)
+
+
 def add_parser(sub) -> None:
     data = sub.add_parser("data", help="build or inspect puzzle datasets").add_subparsers(dest="data_command",
                                                                                          required=True)

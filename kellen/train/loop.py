@@ -1,0 +1,236 @@
+"""The training loop: data, mesh, sharded jitted steps, evaluation, logging.
+
+One path, top to bottom (big_vision style): set up processes -> open the datasets and check they
+fit the model -> build the mesh and shardings -> init or restore the state -> for each
+iteration (eval_interval epochs): train steps, then evaluate -> close the run record.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from typing import Any, Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kellen.data import format as fmt
+from kellen.data.sampler import TrainSampler, eval_batches, num_eval_batches
+from kellen.model.config import ConfigError
+from kellen.train import mesh as meshlib
+from kellen.train.config import PretrainConfig, trm_config
+from kellen.train.evaluate import make_eval_step, normalise_eval, normalise_train
+from kellen.train.progress import Progress
+from kellen.train.run_record import RunRecord, all_hostnames, metadata
+from kellen.train.schedule import lr_multiplier
+from kellen.train.step import OptimConfig, init_train_state, make_train_step
+
+
+def check_config(cfg: PretrainConfig) -> None:
+    """What the schema's types cannot say; fails before any data or device work."""
+    if len(cfg.data_paths) != 1:
+        raise ConfigError(f"data_paths={cfg.data_paths}: give exactly one dataset root")
+    if cfg.evaluators:
+        raise ConfigError("evaluators: task evaluators (ARC) are not implemented; use evaluators=[]")
+    if cfg.freeze_weights:
+        raise ConfigError("freeze_weights=True is not implemented")
+    if cfg.global_batch_size < 1 or cfg.epochs < 1:
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} and epochs={cfg.epochs} must be >= 1")
+    per_iter = cfg.eval_interval or cfg.epochs
+    if per_iter < 1 or cfg.epochs % per_iter:
+        raise ConfigError(f"eval_interval={cfg.eval_interval} must divide epochs={cfg.epochs}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"max_steps={cfg.max_steps} must be >= 1")
+
+
+def ensure_dataset(cfg: PretrainConfig) -> None:
+    """Build the configured dataset if `data_build` is set and the root is missing (one builder
+    per host at a time; the build itself is atomic)."""
+    root, spec = cfg.data_paths[0], cfg.data_build
+    if spec is None or root.startswith("gs://") or os.path.exists(os.path.join(root, "test", "dataset.json")):
+        return
+    from kellen.data.cli import build_from_spec
+
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(os.path.abspath(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(root, "test", "dataset.json")):
+            build_from_spec(root, spec)
+
+
+def optim_config(cfg: PretrainConfig) -> OptimConfig:
+    return OptimConfig(optimizer=cfg.optimizer, lr=cfg.lr, lr_min_ratio=cfg.lr_min_ratio,
+                       lr_warmup_steps=cfg.lr_warmup_steps, lr_schedule=cfg.lr_schedule, beta1=cfg.beta1,
+                       beta2=cfg.beta2, weight_decay=cfg.weight_decay, puzzle_emb_lr=cfg.puzzle_emb_lr,
+                       puzzle_emb_weight_decay=cfg.puzzle_emb_weight_decay, ema=cfg.ema, ema_rate=cfg.ema_rate)
+
+
+def local_rows(sharding, global_batch: int):
+    """(index, count) of this process's contiguous block of batch rows, as the sampler wants it."""
+    spans = {(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+             for s in sharding.addressable_devices_indices_map((global_batch, 1)).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise ConfigError("mesh: this process's devices do not hold a contiguous block of the batch")
+    return lo // (hi - lo), global_batch // (hi - lo)
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig, record: RunRecord, devices=None):
+        self.cfg, self.record = cfg, record
+        root = cfg.data_paths[0]
+        self.train_split = fmt.load_split(root, "train")
+        self.test_split = fmt.load_split(cfg.data_paths_test[0] if cfg.data_paths_test else root, "test")
+        meta = self.train_split.meta
+        self.model_cfg = trm_config(cfg.arch, meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)
+        fmt.check_fits(self.test_split.meta, self.model_cfg, os.path.join(self.test_split.path, "dataset.json"))
+        self.mesh = meshlib.make_mesh(dict(cfg.mesh.axes), devices)
+        meshlib.check_batch(self.mesh, cfg.mesh.data_axes, cfg.global_batch_size)
+        self.epochs_per_iter = cfg.eval_interval or cfg.epochs
+        self.total_iters = cfg.epochs // self.epochs_per_iter
+        self.total_steps = int(cfg.epochs * meta.total_groups * meta.mean_puzzle_examples / cfg.global_batch_size)
+        if self.total_steps < 1:
+            raise ConfigError(f"epochs={cfg.epochs} x {meta.total_groups} groups is less than one global batch "
+                              f"of {cfg.global_batch_size}")
+        self.batch_sharding = meshlib.batch_sharding(self.mesh, cfg.mesh.data_axes)
+        pidx, pcount = local_rows(self.batch_sharding, cfg.global_batch_size)
+        self.rows = (pidx, pcount)
+        self.sampler = TrainSampler(self.train_split.only_set(), meta, cfg.global_batch_size, cfg.seed,
+                                    self.epochs_per_iter, pidx, pcount)
+        self.opt = optim_config(cfg)
+        self._build_steps()
+
+    def _build_steps(self) -> None:
+        cfg, b, seq = self.cfg, self.cfg.global_batch_size, self.model_cfg.seq_len
+
+        def init_fn(key):
+            ex = {"inputs": jnp.zeros((b, seq), jnp.int32), "labels": jnp.zeros((b, seq), jnp.int32),
+                  "puzzle_identifiers": jnp.zeros((b,), jnp.int32)}
+            return init_train_state(self.model_cfg, self.opt, self.total_steps, key, ex)
+
+        abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+        self.state_sharding = meshlib.state_shardings(abstract, self.mesh, cfg.mesh.data_axes, cfg.mesh.fsdp_axis,
+                                                      cfg.mesh.fsdp_min_size)
+        rep = meshlib.replicated(self.mesh)
+        self.init_fn = jax.jit(init_fn, out_shardings=self.state_sharding)
+        step = make_train_step(self.model_cfg, self.opt, self.total_steps, b)
+        self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, rep),
+                                  out_shardings=(self.state_sharding, rep, rep), donate_argnums=0)
+        weights_sharding = self.state_sharding["weights"]
+        self.eval_step = jax.jit(make_eval_step(self.model_cfg), in_shardings=(weights_sharding, self.batch_sharding),
+                                 out_shardings=rep)
+
+    def global_batch(self, local: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
+        b = self.cfg.global_batch_size
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (b,) + v.shape[1:])
+                for k, v in local.items()}
+
+    def init_state(self):
+        return self.init_fn(jax.random.PRNGKey(self.cfg.seed))
+
+    def lr_at(self, step: int) -> float:
+        mult = lr_multiplier(self.opt.lr_schedule, step, warmup_steps=self.opt.lr_warmup_steps,
+                             total_steps=self.total_steps, min_ratio=self.opt.lr_min_ratio)
+        return float(self.opt.lr * mult)
+
+    def evaluate(self, state) -> Dict[str, float]:
+        weights = state["weights"]
+        if self.cfg.ema:
+            weights = dict(weights, params=state["ema"])
+        test = self.test_split
+        out = {}
+        for set_name, data in test.sets.items():
+            sums: Dict[str, float] = {}
+            for local, _ in eval_batches(data, test.meta, self.cfg.global_batch_size, *self.rows):
+                m = jax.device_get(self.eval_step(weights, self.global_batch(local)))
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            out.update(normalise_eval(sums, set_name))
+        return out
+
+    def fit(self, state, start_step: int = 0, on_eval=None) -> Dict[str, float]:
+        """Train from `start_step` to the end (or max_steps); returns the last eval metrics."""
+        cfg, record = self.cfg, self.record
+        blocking = jax.default_backend() == "cpu"  # several in-flight CPU steps can deadlock
+        key = jax.random.PRNGKey(cfg.seed)
+        end = self.total_iters_steps() if cfg.max_steps is None else min(cfg.max_steps, self.total_iters_steps())
+        progress = Progress(end, start_step, enabled=record.writer)
+        it, k = self.sampler.locate(start_step)
+        step, last_eval, pending = start_step, {}, None
+        groups_per_step = cfg.global_batch_size / self.train_split.meta.mean_puzzle_examples
+        while step < end:
+            batch = self.global_batch(self.sampler.batch(step))
+            state, loss, metrics = self.train_step(state, batch, jax.random.fold_in(key, step))
+            if blocking:
+                jax.block_until_ready(loss)
+            if pending is not None:  # read the previous step's metrics while this one runs
+                self._log_train(*pending, progress)
+            step += 1
+            pending = (step, metrics, groups_per_step * step / self.train_split.meta.total_groups)
+            k += 1
+            if k == self.sampler.batches_in(it) or step == end:
+                self._log_train(*pending, progress)
+                pending = None
+                if k == self.sampler.batches_in(it):
+                    it, k = it + 1, 0
+                    if it - 1 >= (cfg.min_eval_interval or 0) or step == end:
+                        last_eval = self._eval_and_log(state, step, on_eval)
+                elif step == end:
+                    last_eval = self._eval_and_log(state, step, on_eval)
+        progress.close()
+        record.sync()
+        return last_eval
+
+    def total_iters_steps(self) -> int:
+        return sum(self.sampler.batches_in(i) for i in range(self.total_iters))
+
+    def _log_train(self, step, metrics, epoch, progress) -> None:
+        if step % self.cfg.log_every and step != progress.total:
+            return
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        row = {"step": step, "epoch": round(epoch, 4), **normalise_train(m, self.cfg.global_batch_size),
+               "train/lr": self.lr_at(step), "time": time.time()}
+        self.record.log(row)
+        progress.update(step, row)
+
+    def _eval_and_log(self, state, step, on_eval) -> Dict[str, float]:
+        t = time.time()
+        metrics = self.evaluate(state)
+        row = {"step": step, **metrics, "eval/seconds": round(time.time() - t, 3), "time": time.time()}
+        self.record.log(row)
+        if self.record.writer:
+            print("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                          if k.endswith(("accuracy", "lm_loss")))), flush=True)
+        if on_eval is not None:
+            on_eval(state, step, metrics)
+        self.record.sync()
+        return metrics
+
+
+def describe(trainer: Trainer) -> str:
+    c, m = trainer.cfg, trainer.model_cfg
+    return (f"TRM hidden={m.hidden_size} L_layers={m.L_layers} H_cycles={m.H_cycles} L_cycles={m.L_cycles} "
+            f"mlp_t={m.mlp_t} | data {c.data_paths[0]} ({trainer.train_split.meta.total_groups} groups, "
+            f"seq {m.seq_len}) | batch {c.global_batch_size} | {trainer.total_iters_steps()} steps "
+            f"({trainer.total_steps} by the reference formula) | mesh {dict(trainer.mesh.shape)} over "
+            f"{jax.device_count()} devices, {jax.process_count()} processes | "
+            f"{num_eval_batches(trainer.test_split.only_set(), c.global_batch_size)} eval batches")
+
+
+def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str], repo: str) -> Dict[str, Any]:
+    """Everything after Hydra: the one path from a config to a trained run."""
+    check_config(cfg)
+    writer = jax.process_index() == 0
+    ensure_dataset(cfg)  # every host with its own disk builds its own (deterministic) copy
+    record = RunRecord(run_dir, writer)
+    trainer = Trainer(cfg, record)
+    hostnames = all_hostnames()
+    record.write_start(config_yaml, overrides, metadata(trainer.mesh, jax.process_count(), hostnames, repo))
+    if writer:
+        print(describe(trainer), flush=True)
+        print(f"run dir {run_dir}", flush=True)
+    state = trainer.init_state()
+    final = trainer.fit(state, 0)
+    record.close()
+    return {"run_dir": run_dir, "final_eval": final}
