@@ -75,3 +75,21 @@ def gcs_prefix(gcs_emulator):
     import uuid
 
     return f"gs://{gcs_emulator.bucket}/{uuid.uuid4().hex}/"
+
+
+@pytest.fixture(scope="session")
+def tiny_sudoku(tmp_path_factory):
+    """A small generated Sudoku dataset, built once per session through the real CLI."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("data") / "tiny-sudoku"
+    kellen = str(pathlib.Path(sys.executable).with_name("kellen"))
+    subprocess.run([kellen, "data", "sudoku", "--out", str(root), "--generate", "64", "--test-generate", "24",
+                    "--min-clues", "50", "--seed", "1"], check=True, capture_output=True, timeout=300)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """One persistent compilation cache for the session's training subprocesses."""
+    return str(tmp_path_factory.mktemp("jax-cache"))

@@ -47,12 +47,17 @@ def run_steps(cfg, tmp_path, devices, steps=3):
     return trainer, losses, *first
 
 
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharded")
+    root = tiny_dataset(tmp / "ds")
+    return root, run_steps(tiny_config(root, {"data": 1, "fsdp": 1}), tmp, jax.devices()[:1])[1:]
+
+
 @pytest.mark.parametrize("axes", [{"data": 8, "fsdp": 1}, {"data": 4, "fsdp": 2}])
-def test_sharded_step_equals_single_device(tmp_path, axes):
+def test_sharded_step_equals_single_device(tmp_path, axes, single_device_run):
     assert jax.device_count() == 8
-    root = tiny_dataset(tmp_path / "ds")
-    _, ref_losses, ref_state, ref_eval = run_steps(tiny_config(root, {"data": 1, "fsdp": 1}), tmp_path,
-                                                   jax.devices()[:1])
+    root, (ref_losses, ref_state, ref_eval) = single_device_run
     trainer, losses, state, ev = run_steps(tiny_config(root, axes), tmp_path, jax.devices())
     if axes["fsdp"] > 1:  # the rule really shards something
         specs = jax.tree_util.tree_leaves(trainer.state_sharding["weights"], is_leaf=lambda x: hasattr(x, "spec"))

@@ -36,7 +36,10 @@ def _safe(text: str) -> str:
 
 def run_name(explicit: Optional[str], config_name: str, overrides: List[str]) -> str:
     """The config's own name (or its run_name); command-line overrides make it distinct and readable:
-    `exp03_a epochs=10000` -> `exp03_a--epochs=10000`. `+experiment=X` on the base config names it X."""
+    `exp03_a epochs=10000` -> `exp03_a--epochs=10000`. `+experiment=X` on the base config names it X;
+    run_name=... on the command line is taken as it is."""
+    if explicit and any(o.lstrip("+~").split("=", 1)[0] == "run_name" for o in overrides):
+        return _safe(explicit)  # named on the command line: exactly that
     base = explicit or config_name
     extra = []
     for o in overrides:
