@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from kellen.train.config import register
+from kellen.train.config import check_known_keys, register
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 register()
@@ -34,6 +34,7 @@ def main(hcfg: DictConfig) -> None:
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     try:
+        check_known_keys(hcfg)
         cfg = OmegaConf.to_object(hcfg)
         distributed.initialize(cfg.distributed)  # before anything asks JAX for devices
         distributed.enable_compilation_cache(cfg.compilation_cache_dir)

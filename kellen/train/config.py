@@ -144,3 +144,23 @@ def trm_config(arch, seq_len: int, vocab_size: int, num_puzzle_identifiers: int,
     values["loss_type"] = arch.loss.loss_type
     return TRMConfig.from_dict(dict(values, seq_len=seq_len, vocab_size=vocab_size,
                                     num_puzzle_identifiers=num_puzzle_identifiers), where)
+
+
+def check_known_keys(node, path: str = "") -> None:
+    """Hydra's `+key=value` can add a key a dataclass node does not have; refuse it by name."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    from kellen.model.config import ConfigError
+
+    if not isinstance(node, DictConfig):
+        return
+    kind = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else None
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if known is not None and key not in known:
+            raise ConfigError(f"unknown key '{full}' (not in {kind.__name__}; known: {', '.join(sorted(known))})")
+        if known is not None:
+            check_known_keys(node._get_node(key), full)
