@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kellen demo
+	$(BIN)/python pretrain_jax.py +experiment=quick_test
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
