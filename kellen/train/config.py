@@ -111,6 +111,7 @@ class PretrainConfig:
     ema_rate: float = 0.999
     freeze_weights: bool = False
     seed: int = 0
+    eval_at_start: bool = False  # evaluate the untrained model too (a baseline row at step 0)
     max_steps: Optional[int] = None  # stop early (smoke tests); the LR schedule still spans all steps
     # Names and places.
     project_name: Optional[str] = None

@@ -158,6 +158,8 @@ class Trainer:
         progress = Progress(end, start_step, enabled=record.writer)
         it, k = self.sampler.locate(start_step)
         step, last_eval, pending = start_step, {}, None
+        if start_step == 0 and cfg.eval_at_start:
+            self._eval_and_log(state, 0, None)
         groups_per_step = cfg.global_batch_size / self.train_split.meta.mean_puzzle_examples
         while step < end:
             batch = self.global_batch(self.sampler.batch(step))
