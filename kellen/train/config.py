@@ -63,12 +63,6 @@ class DistributedConfig:
 
 
 @dataclass
-class WandbConfig:
-    mode: str = "disabled"  # online | offline | disabled
-    entity: Optional[str] = None
-
-
-@dataclass
 class DataBuildConfig:
     """How to build data_paths[0] when it is missing (`kellen data <kind> --generate ...`)."""
     kind: str = "sudoku"  # sudoku | maze
@@ -126,7 +120,6 @@ class PretrainConfig:
     # Execution.
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     use_tpu: Optional[bool] = None  # the researcher's key; the backend is detected
     num_workers: Optional[int] = None  # the researcher's key; hosts come from the TPU environment
 

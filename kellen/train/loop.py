@@ -35,6 +35,10 @@ def check_config(cfg: PretrainConfig) -> None:
         raise ConfigError("evaluators: task evaluators (ARC) are not implemented; use evaluators=[]")
     if cfg.freeze_weights:
         raise ConfigError("freeze_weights=True is not implemented")
+    if cfg.eval_save_outputs:
+        raise ConfigError("eval_save_outputs: saving eval outputs is not implemented; use eval_save_outputs=[]")
+    if cfg.load_checkpoint:
+        raise ConfigError("load_checkpoint: restoring checkpoints is not implemented yet")
     if cfg.global_batch_size < 1 or cfg.epochs < 1:
         raise ConfigError(f"global_batch_size={cfg.global_batch_size} and epochs={cfg.epochs} must be >= 1")
     per_iter = cfg.eval_interval or cfg.epochs
