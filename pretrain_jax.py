@@ -29,6 +29,7 @@ def main(hcfg: DictConfig) -> None:
     from kellen.data.format import DataError
     from kellen.model.config import ConfigError
     from kellen.train import distributed, loop
+    from kellen.train.resume import Preempted
     from kellen.train.run_record import default_group, run_name
 
     hc = HydraConfig.get()
@@ -43,6 +44,9 @@ def main(hcfg: DictConfig) -> None:
         run_dir = os.path.join(cfg.output_root, group, name) if not cfg.output_root.startswith("gs://") \
             else f"{cfg.output_root.rstrip('/')}/{group}/{name}"
         loop.run(cfg, run_dir, OmegaConf.to_yaml(hcfg, resolve=True), overrides, REPO)
+    except Preempted as e:
+        print(f"pretrain_jax.py: {e}", file=sys.stderr)
+        sys.exit(Preempted.exit_code)  # 75: preempted, resumable
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"pretrain_jax.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -90,7 +90,9 @@ class PretrainConfig:
     eval_interval: Optional[int] = 10000
     min_eval_interval: Optional[int] = 0
     checkpoint_every_eval: bool = True
-    save_checkpoint_steps: Optional[int] = None
+    save_checkpoint_steps: Optional[int] = None  # the researcher's name for checkpoint_every_steps
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_keep: int = 3  # latest K; the best by eval exact_accuracy is kept besides
     optimizer: str = "adam_atan2"
     lr_schedule: str = "cosine"
     lr: float = 1e-4

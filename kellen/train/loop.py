@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
 from kellen.data import format as fmt
 from kellen.data.sampler import TrainSampler, eval_batches, num_eval_batches
@@ -22,6 +23,7 @@ from kellen.train import mesh as meshlib
 from kellen.train.config import PretrainConfig, trm_config
 from kellen.train.evaluate import make_eval_step, normalise_eval, normalise_train
 from kellen.train.progress import Progress
+from kellen.train.resume import RunCheckpoints, check_resume_config, resume_note
 from kellen.train.run_record import RunRecord, all_hostnames, metadata
 from kellen.train.schedule import lr_multiplier
 from kellen.train.step import OptimConfig, init_train_state, make_train_step
@@ -38,7 +40,8 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.eval_save_outputs:
         raise ConfigError("eval_save_outputs: saving eval outputs is not implemented; use eval_save_outputs=[]")
     if cfg.load_checkpoint:
-        raise ConfigError("load_checkpoint: restoring checkpoints is not implemented yet")
+        raise ConfigError("load_checkpoint: starting from another run's weights is not implemented; "
+                          "a run resumes from its own checkpoints automatically")
     if cfg.global_batch_size < 1 or cfg.epochs < 1:
         raise ConfigError(f"global_batch_size={cfg.global_batch_size} and epochs={cfg.epochs} must be >= 1")
     per_iter = cfg.eval_interval or cfg.epochs
@@ -153,17 +156,19 @@ class Trainer:
             out.update(normalise_eval(sums, set_name))
         return out
 
-    def fit(self, state, start_step: int = 0, on_eval=None) -> Dict[str, float]:
-        """Train from `start_step` to the end (or max_steps); returns the last eval metrics."""
+    def fit(self, state, start_step: int = 0, key=None, saver=None) -> Dict[str, float]:
+        """Train from `start_step` to the end (or max_steps); returns the last eval metrics.
+        `saver` (kellen.train.resume.RunCheckpoints) saves and watches for preemption at step
+        boundaries; it raises Preempted after saving."""
         cfg, record = self.cfg, self.record
         blocking = jax.default_backend() == "cpu"  # several in-flight CPU steps can deadlock
-        key = jax.random.PRNGKey(cfg.seed)
-        end = self.total_iters_steps() if cfg.max_steps is None else min(cfg.max_steps, self.total_iters_steps())
+        key = jax.random.PRNGKey(cfg.seed) if key is None else key
+        end = self.end_step()
         progress = Progress(end, start_step, enabled=record.writer)
         it, k = self.sampler.locate(start_step)
         step, last_eval, pending = start_step, {}, None
         if start_step == 0 and cfg.eval_at_start:
-            self._eval_and_log(state, 0, None)
+            self._eval_and_log(state, 0)
         groups_per_step = cfg.global_batch_size / self.train_split.meta.mean_puzzle_examples
         while step < end:
             batch = self.global_batch(self.sampler.batch(step))
@@ -173,6 +178,8 @@ class Trainer:
             if pending is not None:  # read the previous step's metrics while this one runs
                 self._log_train(*pending, progress)
             step += 1
+            if saver is not None:
+                saver.after_step(step, state, key, lambda: self._log_train(*pending, progress))
             pending = (step, metrics, groups_per_step * step / self.train_split.meta.total_groups)
             k += 1
             if k == self.sampler.batches_in(it) or step == end:
@@ -181,12 +188,18 @@ class Trainer:
                 if k == self.sampler.batches_in(it):
                     it, k = it + 1, 0
                     if it - 1 >= (cfg.min_eval_interval or 0) or step == end:
-                        last_eval = self._eval_and_log(state, step, on_eval)
+                        last_eval = self._eval_and_log(state, step, key, saver)
                 elif step == end:
-                    last_eval = self._eval_and_log(state, step, on_eval)
+                    last_eval = self._eval_and_log(state, step, key, saver)
+        if saver is not None:
+            saver.finish(step, state, key)
         progress.close()
         record.sync()
         return last_eval
+
+    def end_step(self) -> int:
+        total = self.total_iters_steps()
+        return total if self.cfg.max_steps is None else min(self.cfg.max_steps, total)
 
     def total_iters_steps(self) -> int:
         return sum(self.sampler.batches_in(i) for i in range(self.total_iters))
@@ -200,7 +213,7 @@ class Trainer:
         self.record.log(row)
         progress.update(step, row)
 
-    def _eval_and_log(self, state, step, on_eval) -> Dict[str, float]:
+    def _eval_and_log(self, state, step, key=None, saver=None) -> Dict[str, float]:
         t = time.time()
         metrics = self.evaluate(state)
         row = {"step": step, **metrics, "eval/seconds": round(time.time() - t, 3), "time": time.time()}
@@ -208,8 +221,8 @@ class Trainer:
         if self.record.writer:
             print("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
                                                           if k.endswith(("accuracy", "lm_loss")))), flush=True)
-        if on_eval is not None:
-            on_eval(state, step, metrics)
+        if saver is not None:
+            saver.after_eval(step, state, key, {k.rsplit("/", 1)[-1]: v for k, v in metrics.items()})
         self.record.sync()
         return metrics
 
@@ -230,13 +243,23 @@ def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str
     writer = jax.process_index() == 0
     ensure_dataset(cfg)  # every host with its own disk builds its own (deterministic) copy
     record = RunRecord(run_dir, writer)
+    changed = check_resume_config(record, config_yaml)  # before any compile: refuse a changed model
     trainer = Trainer(cfg, record)
     hostnames = all_hostnames()
-    record.write_start(config_yaml, overrides, metadata(trainer.mesh, jax.process_count(), hostnames, repo))
-    if writer:
-        print(describe(trainer), flush=True)
-        print(f"run dir {run_dir}", flush=True)
-    state = trainer.init_state()
-    final = trainer.fit(state, 0)
-    record.close()
+    record.write_start(config_yaml, overrides, metadata(trainer.mesh, jax.process_count(), hostnames, repo),
+                       resumed=changed is not None)
+    saver = RunCheckpoints(cfg, trainer, record, yaml.safe_load(config_yaml))
+    try:
+        state, key, start = saver.restore_or_init()
+        if writer:
+            print(describe(trainer), flush=True)
+            print(f"run dir {run_dir}", flush=True)
+        if start:
+            resume_note(record, changed or [], start)
+        saver.status("running", start)
+        final = trainer.fit(state, start, key, saver)
+        saver.status("finished", trainer.end_step())
+    finally:
+        saver.close()
+        record.close()
     return {"run_dir": run_dir, "final_eval": final}

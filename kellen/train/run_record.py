@@ -108,11 +108,38 @@ class RunRecord:
         else:
             self.local = self.root
         if writer:
+            if self.remote and gcs.exists(self.root + "/"):
+                gcs.download_tree(self.root, self.local)  # a resumed run appends to its record
             os.makedirs(os.path.join(self.local, "logs"), exist_ok=True)
         self._log = None
 
-    def write_start(self, config_yaml: str, overrides: List[str], metadata: Dict[str, Any]) -> None:
+    def read(self, name: str) -> Optional[str]:
+        """A file of the record as it stands (every process can read; the local copy or gs://)."""
+        from kellen import gcs
+
+        if self.remote:
+            url = f"{self.root}/{name}"
+            return gcs.read_text(url) if gcs.exists(url) else None
+        path = os.path.join(self.local, name)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return f.read()
+
+    def write_json(self, name: str, obj: Dict[str, Any]) -> None:
+        if self.writer:
+            self._write(name, json.dumps(dict(obj, time=datetime.datetime.now(datetime.timezone.utc)
+                                              .isoformat(timespec="seconds"))) + "\n")
+            self.sync()
+
+    def write_start(self, config_yaml: str, overrides: List[str], metadata: Dict[str, Any],
+                    resumed: bool = False) -> None:
         if not self.writer:
+            return
+        if resumed:  # the frozen config.yaml stays; this start's metadata is kept beside it
+            self._write(f"metadata.resume-{metadata['start_time'].replace(':', '')}.json",
+                        json.dumps(metadata, indent=1, default=str) + "\n")
+            self.sync()
             return
         self._write("config.yaml", config_yaml)
         self._write("overrides.yaml", "".join(f"- {json.dumps(o)}\n" for o in overrides) or "[]\n")
