@@ -178,9 +178,9 @@ class Trainer:
             if pending is not None:  # read the previous step's metrics while this one runs
                 self._log_train(*pending, progress)
             step += 1
+            pending = (step, metrics, groups_per_step * step / self.train_split.meta.total_groups)
             if saver is not None:
                 saver.after_step(step, state, key, lambda: self._log_train(*pending, progress))
-            pending = (step, metrics, groups_per_step * step / self.train_split.meta.total_groups)
             k += 1
             if k == self.sampler.batches_in(it) or step == end:
                 self._log_train(*pending, progress)
