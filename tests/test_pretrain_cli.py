@@ -11,7 +11,7 @@ from pretrain_helpers import REPO, clean_env, metrics, pretrain
 def test_cfg_job_and_info_work_and_presets_compose(tmp_path):
     r = pretrain("--cfg", "job", "+experiment=quick_test", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "hidden_size: 64" in r.stdout and "kind: sudoku" in r.stdout and "global_batch_size:" in r.stdout
+    assert "hidden_size: 32" in r.stdout and "kind: sudoku" in r.stdout and "global_batch_size:" in r.stdout
     r = pretrain("--cfg", "job", "+experiment=full_training", "epochs=10000", cwd=tmp_path)
     assert r.returncode == 0 and "epochs: 10000" in r.stdout and "mlp_t: true" in r.stdout
     for preset in ("low_memory", "large_batch"):

@@ -5,6 +5,7 @@ import random
 import signal
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -28,8 +29,11 @@ def train_losses(run_dir):
 def final_params(run_dir):
     ckpts = run_dir / "checkpoints"
     last = max(int(p) for p in os.listdir(ckpts) if p.isdigit())
-    with ocp.PyTreeCheckpointer() as c:
-        return last, c.restore(str(ckpts / str(last) / "state"))
+    path = str(ckpts / str(last) / "state")
+    with ocp.PyTreeCheckpointer() as c:  # as numpy: the saving topology may not exist here
+        tree = c.metadata(path).item_metadata.tree
+        args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return last, c.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
 
 
 def wait_for_steps(run_dir, n, proc, timeout=300):
@@ -39,7 +43,8 @@ def wait_for_steps(run_dir, n, proc, timeout=300):
         if path.exists() and sum('"train/lm_loss"' in line for line in path.read_text().splitlines()) >= n:
             return
         time.sleep(0.05)
-    raise AssertionError(f"run did not reach step {n}")
+    detail = proc.communicate(timeout=60)[1][-3000:] if proc.poll() is not None else "still running"
+    raise AssertionError(f"run did not reach step {n}: {detail}")
 
 
 def assert_same_tree(a, b):
@@ -50,7 +55,6 @@ def assert_same_tree(a, b):
 
 
 def jax_leaves(tree):
-    import jax
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -118,3 +122,72 @@ def test_resume_refuses_a_changed_model_and_allows_more_epochs(tmp_path, tiny_su
     rows = metrics(tmp_path / "adhoc" / "guard")
     assert {"resume": {"step": 2, "changed": ["max_steps"]}} in [{k: v for k, v in r.items() if k == "resume"}
                                                                  for r in rows]
+
+
+def test_preempt_and_resume_on_gcs(tmp_path, tiny_sudoku, compile_cache, gcs_prefix):
+    from kellen import gcs
+    root = gcs_prefix + "runs"
+    args = run_args(tiny_sudoku, root, compile_cache, "g")
+    proc = pretrain(*args, popen=True)
+    try:
+        t = time.time()
+        while time.time() - t < 300 and proc.poll() is None:
+            if gcs.list_files(root + "/adhoc/g/checkpoints") if gcs.exists(root + "/adhoc/g/checkpoints/") else []:
+                break
+            time.sleep(0.2)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    import json
+    if proc.returncode == 75:
+        status = json.loads(gcs.read_text(root + "/adhoc/g/status.json"))
+        assert status["state"] == "preempted"
+    else:
+        assert proc.returncode == 0, err[-3000:]  # finished before the signal landed
+    again = pretrain(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(gcs.read_text(root + "/adhoc/g/status.json"))["state"] == "finished"
+    steps = {int(p.split("/")[0]) for p in gcs.list_files(root + "/adhoc/g/checkpoints") if p.split("/")[0].isdigit()}
+    assert 16 in steps
+
+
+def test_two_process_sigterm_then_resume_is_bit_identical(tmp_path, tiny_sudoku, compile_cache):
+    import socket
+
+    def two(name):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [pretrain(*run_args(tiny_sudoku, tmp_path, compile_cache, name),
+                         f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+                         f"distributed.process_id={i}", "distributed.cpu_devices_per_process=2", popen=True)
+                for i in range(2)]
+
+    def finish(procs):
+        try:
+            return [p.communicate(timeout=600) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+
+    straight = two("straight2")
+    for p, (_, err) in zip(straight, finish(straight)):
+        assert p.returncode == 0, err[-3000:]
+    cut = two("cut2")
+    wait_for_steps(tmp_path / "adhoc" / "cut2", random.Random(os.getpid()).randint(2, 9), cut[0])
+    for p in cut:
+        p.send_signal(signal.SIGTERM)  # JAX's preemption notifier; all agree on one step
+    outs = finish(cut)
+    codes = [p.returncode for p in cut]
+    assert codes == [75, 75], [e[-2000:] for _, e in outs]
+    again = two("cut2")
+    for p, (out, err) in zip(again, finish(again)):
+        assert p.returncode == 0, err[-3000:]
+    assert train_losses(tmp_path / "adhoc" / "straight2") == train_losses(tmp_path / "adhoc" / "cut2")
+    (sa, pa), (sb, pb) = final_params(tmp_path / "adhoc" / "straight2"), final_params(tmp_path / "adhoc" / "cut2")
+    assert sa == sb == 16
+    assert_same_tree(pa, pb)

@@ -50,6 +50,24 @@ def config_differences(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "
     return out
 
 
+def _key_name(path) -> str:
+    parts = []
+    for p in path:
+        parts.append(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))))
+    return "__".join(parts)  # not ".": Orbax reads dots in names as nesting
+
+
+def flatten(tree) -> Dict[str, Any]:
+    """{path joined by "__": leaf}: Orbax restores plain dicts onto target shardings on every process,
+    where NamedTuples (the ACT carry, optax states) would lose them."""
+    return {_key_name(p): v for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def unflatten(flat: Dict[str, Any], like):
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat[_key_name(p)] for p, _ in paths])
+
+
 class Checkpointer:
     def __init__(self, directory: str, every_steps: Optional[int], keep: int):
         save_policies = [policies.PreemptionCheckpointingPolicy()]  # keep Orbax's preemption save
@@ -77,16 +95,16 @@ class Checkpointer:
         """Start an async save (if the policy or `force` says so); raises a previous save's error."""
         self.manager.check_for_errors()
         saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"train": state, "rng": rng_data}),
+            state=ocp.args.StandardSave({"train": flatten(state), "rng": rng_data}),
             meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
         return saved
 
     def restore(self, step: int, abstract_state, abstract_rng):
         """Restore onto the shardings in the abstract targets (any mesh or device count)."""
         out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore({"train": abstract_state, "rng": abstract_rng}),
+            state=ocp.args.StandardRestore({"train": flatten(abstract_state), "rng": abstract_rng}),
             meta=ocp.args.JsonRestore()))
-        return out.state["train"], out.state["rng"], out.meta
+        return unflatten(out.state["train"], abstract_state), out.state["rng"], out.meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import jax
+import numpy as np
 import yaml
 
 from kellen.model.config import ConfigError
@@ -78,8 +79,13 @@ class RunCheckpoints:
     def _save(self, step, state, key, metrics=None, force=False) -> None:
         if step == self.last_saved:
             return
-        if self.ckpt.save(step, state, jax.random.key_data(key), self._meta(step), metrics, force):
+        if self.ckpt.save(step, state, self._global_rng(key), self._meta(step), metrics, force):
             self.last_saved = step
+
+    def _global_rng(self, key):
+        """Raw key data as a replicated global array: every process holds it, Orbax can save it."""
+        data = np.asarray(jax.random.key_data(key))
+        return jax.make_array_from_callback(data.shape, meshlib.replicated(self.trainer.mesh), lambda i: data[i])
 
     def after_step(self, step: int, state, key, flush) -> None:
         self._save(step, state, key)
