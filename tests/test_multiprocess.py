@@ -5,7 +5,7 @@ import socket
 import numpy as np
 import pytest
 
-from pretrain_helpers import clean_env, metrics, pretrain
+from pretrain_helpers import metrics, pretrain
 
 
 def free_port():

@@ -1,11 +1,10 @@
 """pretrain_jax.py as a researcher runs it: Hydra composition, errors, the run record, multirun, gs://."""
 import json
 import os
-import uuid
 
 import pytest
 
-from pretrain_helpers import REPO, clean_env, metrics, pretrain
+from pretrain_helpers import clean_env, metrics, pretrain
 
 
 def test_cfg_job_and_info_work_and_presets_compose(tmp_path):
