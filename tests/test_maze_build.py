@@ -28,7 +28,7 @@ def test_reads_tokens_in_charset_order(tmp_path):
 
 @pytest.mark.parametrize("row,why", [
     (("x", QM[:-1], AM, "0"), "row 3: column q has 24 characters, expected 25"),
-    (("x", QM, AM[:-1] + "x", "0"), "row 3: column a has 'x', outside the charset"),
+    (("x", QM, AM[:-1] + "x", "0"), "row 3: column a has 'x'; outside the charset"),
     (("x", QM, AM.replace("#", " ", 1), "0"), "row 3: the answer changes a cell other than"),
     (("x", QM.replace(" ", "S", 1), AM.replace("o", "S", 1), "0"), "row 3: the maze needs exactly one 'S'"),
 ])

@@ -76,3 +76,28 @@ def subsample(q: np.ndarray, a: np.ndarray, size, rng: np.random.Generator):
         raise DataError(f"--subsample-size must be >= 1, got {size}")
     idx = rng.choice(q.shape[0], size=size, replace=False)
     return q[idx], a[idx]
+
+
+def decode_column(strings, table: np.ndarray, path: str, lines, name: str, expected: str) -> np.ndarray:
+    """One CSV column as a [rows, len] uint8 array through a 256-entry lookup table (255 =
+    not allowed); the first bad character is named with its file and row."""
+    try:
+        raw = np.frombuffer("".join(strings).encode("ascii"), np.uint8)
+    except UnicodeEncodeError:
+        bad = next(i for i, s in enumerate(strings) if not s.isascii())
+        raise DataError(f"{path}: row {lines[bad]}: column {name} has a non-ASCII character") from None
+    out = table[raw].reshape(len(strings), -1)
+    bad = np.flatnonzero((out == 255).any(1))
+    if bad.size:
+        i = bad[0]
+        ch = strings[i][int(np.argmax(out[i] == 255))]
+        raise DataError(f"{path}: row {lines[i]}: column {name} has {ch!r}; {expected}")
+    return out
+
+
+def fail_rows(mask: np.ndarray, path: str, lines, why: str) -> None:
+    """DataError naming the first row where `mask` is set."""
+    bad = np.flatnonzero(mask)
+    if bad.size:
+        raise DataError(f"{path}: row {lines[bad[0]]}: {why}")
+

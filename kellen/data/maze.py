@@ -13,6 +13,7 @@ from typing import Tuple
 
 import numpy as np
 
+from kellen.data.build import decode_column, fail_rows
 from kellen.data.format import DataError, single_example_arrays, single_set_metadata
 
 CHARSET = "# SGo"
@@ -48,32 +49,16 @@ def read_csv(path: str) -> Tuple[np.ndarray, np.ndarray]:
     if not qs:
         raise DataError(f"{path}: no mazes")
     side = math.isqrt(length)
-    q, a = _tokens(qs, path, lines, "q"), _tokens(as_, path, lines, "a")
+    outside = f"outside the charset {CHARSET!r}"
+    q, a = (decode_column(s, _TOKEN, path, lines, name, outside) for s, name in ((qs, "q"), (as_, "a")))
     check_solutions(q, a, path, np.asarray(lines))
     return q.reshape(-1, side, side), a.reshape(-1, side, side)
-
-
-def _tokens(strings, path, lines, name) -> np.ndarray:
-    try:
-        raw = np.frombuffer("".join(strings).encode("ascii"), np.uint8)
-    except UnicodeEncodeError:
-        bad = next(i for i, s in enumerate(strings) if not s.isascii())
-        raise DataError(f"{path}: row {lines[bad]}: column {name} has a non-ASCII character") from None
-    t = _TOKEN[raw].reshape(len(strings), -1)
-    bad = np.flatnonzero((t == 255).any(1))
-    if bad.size:
-        i = bad[0]
-        ch = strings[i][int(np.argmax(t[i] == 255))]
-        raise DataError(f"{path}: row {lines[i]}: column {name} has {ch!r}, outside the charset {CHARSET!r}")
-    return t
 
 
 def check_solutions(q: np.ndarray, a: np.ndarray, path: str, lines: np.ndarray) -> None:
     """The answer copies the maze and only marks open cells as path; one start and one goal."""
     def fail(mask, why):
-        bad = np.flatnonzero(mask)
-        if bad.size:
-            raise DataError(f"{path}: row {lines[bad[0]]}: {why}")
+        fail_rows(mask, path, lines, why)
 
     fail((q == PATH).any(1), "the question already marks path cells 'o'")
     fail(((q == START).sum(1) != 1) | ((q == GOAL).sum(1) != 1), "the maze needs exactly one 'S' and one 'G'")

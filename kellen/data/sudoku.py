@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from kellen.data.build import decode_column, fail_rows
 from kellen.data.format import DataError, single_example_arrays, single_set_metadata
 
 _ASCII = np.full(256, 255, np.uint8)
@@ -51,33 +52,16 @@ def read_csv(path: str, min_difficulty: Optional[int] = None) -> Tuple[np.ndarra
             lines.append(line)
     if not qs:
         raise DataError(f"{path}: no puzzles" + (f" with rating >= {min_difficulty}" if min_difficulty else ""))
-    q = _digits(qs, path, lines, "q")
-    a = _digits(as_, path, lines, "a")
+    q = decode_column(qs, _ASCII, path, lines, "q", "expected digits with '.' or '0' for blanks")
+    a = decode_column(as_, _ASCII, path, lines, "a", "expected digits with '.' or '0' for blanks")
     check_solutions(q, a, path, np.asarray(lines))
     return q, a
-
-
-def _digits(strings, path, lines, name) -> np.ndarray:
-    try:
-        raw = np.frombuffer("".join(strings).encode("ascii"), np.uint8)
-    except UnicodeEncodeError:
-        bad = next(i for i, s in enumerate(strings) if not s.isascii())
-        raise DataError(f"{path}: row {lines[bad]}: column {name} has a non-ASCII character") from None
-    d = _ASCII[raw].reshape(len(strings), 81)
-    bad = np.flatnonzero((d == 255).any(1))
-    if bad.size:
-        i = bad[0]
-        ch = strings[i][int(np.argmax(d[i] == 255))]
-        raise DataError(f"{path}: row {lines[i]}: column {name} has {ch!r}; expected digits with '.' or '0' for blanks")
-    return d
 
 
 def check_solutions(q: np.ndarray, a: np.ndarray, path: str, lines: np.ndarray) -> None:
     """Every answer is a complete valid grid that agrees with its clues."""
     def fail(mask, why):
-        bad = np.flatnonzero(mask)
-        if bad.size:
-            raise DataError(f"{path}: row {lines[bad[0]]}: {why}")
+        fail_rows(mask, path, lines, why)
 
     fail((a == 0).any(1), "answer has blanks")
     fail(((q != 0) & (q != a)).any(1), "answer disagrees with a clue")
