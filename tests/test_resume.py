@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pretrain_helpers import metrics, pretrain
+from pretrain_helpers import clean_env, metrics, pretrain
 
 
 def run_args(data, out, cache, name, *extra):
@@ -191,3 +191,39 @@ def test_two_process_sigterm_then_resume_is_bit_identical(tmp_path, tiny_sudoku,
     (sa, pa), (sb, pb) = final_params(tmp_path / "adhoc" / "straight2"), final_params(tmp_path / "adhoc" / "cut2")
     assert sa == sb == 16
     assert_same_tree(pa, pb)
+
+
+def test_training_survives_a_10_second_gcs_outage(tmp_path, tiny_sudoku, compile_cache, monkeypatch):
+    """The emulator is frozen (SIGSTOP) for ~10 s mid-run: saves wait and retry, the run finishes,
+    and the checkpoints after the outage are committed."""
+    from gcs_emulator import start_emulator
+    from kellen import gcs
+    emu = start_emulator(tmp_path / "emu")
+    try:
+        emu.create_bucket("outage")
+        env = clean_env(emu.env)
+        root = "gs://outage/runs"
+        args = run_args(tiny_sudoku, root, compile_cache, "o", "epochs=20", "eval_interval=10",
+                        "checkpoint_every_steps=10")
+        proc = pretrain(*args, env=env, popen=True)
+        try:
+            for k, v in emu.env.items():  # this test's own emulator, for the checks below
+                monkeypatch.setenv(k, v)
+            t = time.time()
+            while time.time() - t < 300 and proc.poll() is None:
+                if gcs.exists(root + "/adhoc/o/checkpoints/10/"):
+                    break
+                time.sleep(0.2)
+            os.killpg(emu.process.pid, signal.SIGSTOP)
+            time.sleep(10)
+            os.killpg(emu.process.pid, signal.SIGCONT)
+            out, err = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        steps = {int(p.split("/")[0]) for p in gcs.list_files(root + "/adhoc/o/checkpoints") if p.split("/")[0].isdigit()}
+        assert 80 in steps and max(steps) == 80
+    finally:
+        os.killpg(emu.process.pid, signal.SIGCONT)
+        emu.stop()
