@@ -145,7 +145,7 @@ def jaxpr_dot_flops(jaxpr, notes: list) -> int:
 # ----------------------------------------------------------------------------------------
 # Measurements
 # ----------------------------------------------------------------------------------------
-def measure_matmul_peak(dtype_name: str, n: int = 2048, reps: int = 10) -> tuple:
+def measure_matmul_peak(dtype_name: str, n: int = 2048, reps: int = 20) -> tuple:
     """(best, median) FLOP/s of a jitted n x n @ n x n matmul in `dtype_name` on the default device.
 
     The best rep is the peak estimate: on a shared machine other processes can only slow a
@@ -309,7 +309,7 @@ def main(argv=None):
           f"(other processes compete for the {os.cpu_count()} cores when this is above ~0.5)")
     peak_best, peak_med = measure_matmul_peak(args.dtype, args.peak_n)
     print(f"matmul {args.peak_n}x{args.peak_n} {args.dtype} before: best {peak_best / 1e9:.1f} GFLOP/s, "
-          f"median {peak_med / 1e9:.1f} GFLOP/s (10 reps)")
+          f"median {peak_med / 1e9:.1f} GFLOP/s (20 reps)")
 
     if args.preset == "cpu":
         configs = [("attention", build_config(args, False)), ("mlp_t", build_config(args, True))]
@@ -341,7 +341,7 @@ def main(argv=None):
 
     after_best, after_med = measure_matmul_peak(args.dtype, args.peak_n)
     print(f"\nmatmul {args.peak_n}x{args.peak_n} {args.dtype} after: best {after_best / 1e9:.1f} GFLOP/s, "
-          f"median {after_med / 1e9:.1f} GFLOP/s (10 reps)")
+          f"median {after_med / 1e9:.1f} GFLOP/s (20 reps)")
     peak = max(peak_best, after_best)
     print(f"measured matmul peak (best rep before/after): {peak / 1e9:.1f} GFLOP/s; load average now "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
