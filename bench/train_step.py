@@ -10,10 +10,11 @@ Usage:
   python bench/train_step.py --preset cpu          # the two issue-4 CPU configs (attention, mlp_t)
   python bench/train_step.py [--batch 64] [--hidden 128] [--heads 8] [--H-cycles 3] [--L-cycles 6]
       [--L-layers 2] [--mlp-t] [--dtype float32|bfloat16] [--optimizer adamw] [--seq-len 81]
-      [--steps 10] [--warmup 2] [--xla-flags "..."] [--no-jaxpr-count]
+      [--steps 10] [--warmup 2] [--xla-flags="--xla_cpu_..."] [--no-jaxpr-count]
 
-XLA flags are also read from the XLA_FLAGS environment variable; `--xla-flags` appends to it
-(it has to be set before jax is imported, which this script does lazily).
+XLA flags are also read from the XLA_FLAGS environment variable; `--xla-flags=...` (write it with
+'=', since the value starts with '--') appends to it before jax is imported, which this script
+does lazily.
 """
 from __future__ import annotations
 
