@@ -109,9 +109,19 @@ def _compare_step(report: ParityReport, fx, prefix: str, ours, shadow) -> None:
         ref = fx[f"{prefix}/{q}"]
         report.add(name or q, rel_err(ours[q], ref), max(tol, NOISE_FACTOR * _noise(ours[q], shadow[q])))
 
-    for q in FLOAT_OUTPUTS + ("loss", "metric/lm_loss", "metric/q_halt_loss"):
+    for q in FLOAT_OUTPUTS:
         if f"{prefix}/{q}" in fx:
             check(q, TOL_OUTPUT)
+    # `loss` (= lm_loss + q_halt_loss / 2) and lm_loss are sums over the same rows and logits, so
+    # they share one noise floor, the larger of their float32-vs-float64 differences: one sum's
+    # noise can cancel by chance in our rounding and not in the reference's (MLP-T fixture, eval
+    # step 3: lm_loss is 1.5e-6 from float64 here but 9.3e-6 in the reference; loss 1.0e-5).
+    if f"{prefix}/metric/q_halt_loss" in fx:
+        check("metric/q_halt_loss", TOL_OUTPUT)
+    scalars = [q for q in ("loss", "metric/lm_loss") if f"{prefix}/{q}" in fx]
+    scalar_noise = max((_noise(ours[q], shadow[q]) for q in scalars), default=0.0)
+    for q in scalars:
+        report.add(q, rel_err(ours[q], fx[f"{prefix}/{q}"]), max(TOL_OUTPUT, NOISE_FACTOR * scalar_noise))
     for q in EXACT:
         report.add(f"{q} (mismatches)", _mismatch_count(ours[q], fx[f"{prefix}/{q}"]), 0)
     for q in (k[len(prefix) + 1:] for k in fx if k.startswith(f"{prefix}/grad/")):

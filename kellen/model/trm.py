@@ -92,18 +92,28 @@ def _block(cfg: TRMConfig, w, h, rope):
     return rms_norm(h + swiglu(h, w["mlp_gate_up"], w["mlp_down"]), eps)
 
 
-def reasoning_module(cfg: TRMConfig, blocks, h, injection, rope):
+def reasoning_module(cfg: TRMConfig, blocks, h, injection, rope, unroll: bool = False):
     """The single L-level module used for both z_L and z_H updates; scans the stacked layers."""
     def body(carry, layer_w):
         return _block(cfg, layer_w, carry, rope), None
 
-    h, _ = jax.lax.scan(body, h + injection, blocks)
+    h, _ = jax.lax.scan(body, h + injection, blocks, unroll=unroll)
     return h
 
 
-def _recursion_cycle(cfg, blocks, z_H, z_L, emb, rope):
-    z_L = jax.lax.fori_loop(0, cfg.L_cycles, lambda _, zl: reasoning_module(cfg, blocks, zl, z_H + emb, rope), z_L)
-    z_H = reasoning_module(cfg, blocks, z_H, z_L, rope)
+def _recursion_cycle(cfg, blocks, z_H, z_L, emb, rope, unroll: bool = False):
+    """L_cycles z_L updates, then one z_H update.
+
+    `unroll` is for the differentiated cycle: a rolled loop under autodiff stacks every
+    iteration's residuals with dynamic-update-slices and reads them back with dynamic-slices,
+    which cost ~20% of a CPU step (bench/RESULTS.md); unrolled, XLA keeps them as plain buffers.
+    The forward-only cycles stay rolled so compile time stays flat in H_cycles.
+    """
+    def update_L(_, zl):
+        return reasoning_module(cfg, blocks, zl, z_H + emb, rope, unroll)
+
+    z_L = jax.lax.fori_loop(0, cfg.L_cycles, update_L, z_L, unroll=unroll)
+    z_H = reasoning_module(cfg, blocks, z_H, z_L, rope, unroll)
     return z_H, z_L
 
 
@@ -127,7 +137,7 @@ def inner_forward(cfg: TRMConfig, params, z_H, z_L, inputs, puzzle_rows):
             0, cfg.H_cycles - 1,
             lambda _, z: _recursion_cycle(cfg, ng_blocks, z[0], z[1], ng_emb, rope), (sg(z_H), sg(z_L)))
         z_H, z_L = sg(z_H), sg(z_L)
-    z_H, z_L = _recursion_cycle(cfg, blocks, z_H, z_L, emb, rope)
+    z_H, z_L = _recursion_cycle(cfg, blocks, z_H, z_L, emb, rope, unroll=True)
 
     logits = linear(z_H, params["lm_head"])[:, cfg.prefix_len:]
     q = linear(z_H[:, 0], params["q_head"]["kernel"], params["q_head"]["bias"])
