@@ -29,6 +29,7 @@ def main(hcfg: DictConfig) -> None:
     from kellen.data.format import DataError
     from kellen.model.config import ConfigError
     from kellen.train import distributed, loop
+    from kellen.train.loop import NonFiniteLoss
     from kellen.train.resume import Preempted
     from kellen.train.run_record import default_group, run_name
 
@@ -43,10 +44,14 @@ def main(hcfg: DictConfig) -> None:
         group = cfg.group or default_group(name)
         run_dir = os.path.join(cfg.output_root, group, name) if not cfg.output_root.startswith("gs://") \
             else f"{cfg.output_root.rstrip('/')}/{group}/{name}"
-        loop.run(cfg, run_dir, OmegaConf.to_yaml(hcfg, resolve=True), overrides, REPO)
+        loop.run(cfg, run_dir, OmegaConf.to_yaml(hcfg, resolve=True), overrides, REPO, group=group, name=name,
+                 argv=sys.argv[1:])
     except Preempted as e:
         print(f"pretrain_jax.py: {e}", file=sys.stderr)
         sys.exit(Preempted.exit_code)  # 75: preempted, resumable
+    except NonFiniteLoss as e:  # FAILED.txt and status.json say so; no traceback needed here
+        print(f"pretrain_jax.py: error: {e} (see FAILED.txt in the run dir)", file=sys.stderr)
+        sys.exit(1)
     except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"pretrain_jax.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Dict, Optional
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 THREADS = 8
@@ -181,25 +182,34 @@ def cached_copy(url: str, cache_root: str | None = None) -> str:
     return local
 
 
-def upload_tree(src: str, url: str) -> None:
+def upload_tree(src: str, url: str, changed: Optional[Dict[str, tuple]] = None) -> None:
     """Upload every file under the local directory ``src`` to the prefix ``url``.
 
     Files named ``dataset.json`` or ``_COMPLETE`` go last, one by one, after all the others
-    have succeeded, so a reader keyed on them never sees a partial tree.
+    have succeeded, so a reader keyed on them never sees a partial tree. With ``changed`` (a
+    dict the caller keeps between calls: path -> (mtime_ns, size) at its last upload), files
+    unchanged since their last upload are skipped.
     """
     if not os.path.isdir(src):
         raise FileNotFoundError(f"not a directory: {src}")
     bucket_name, prefix = split_gcs(url)
-    rest, last = [], []
+    rest, last, seen = [], [], {}
     for root, _dirs, files in os.walk(src):
         for f in sorted(files):
             local = os.path.join(root, f)
+            if changed is not None:
+                st = os.stat(local)
+                seen[local] = (st.st_mtime_ns, st.st_size)
+                if changed.get(local) == seen[local]:
+                    continue
             name = _dir_prefix(prefix) + os.path.relpath(local, src).replace(os.sep, "/")
             (last if f in MARKER_FILES else rest).append((local, name))
     bucket = client().bucket(bucket_name)
     _parallel(lambda job: _upload_file(bucket, *job), rest)
     for local, name in sorted(last, key=lambda j: (MARKER_FILES.index(os.path.basename(j[0])), j[1])):
         _upload_file(bucket, local, name)
+    if changed is not None:
+        changed.update(seen)
 
 
 def read_text(url: str) -> str:

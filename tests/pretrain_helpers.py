@@ -13,6 +13,7 @@ def clean_env(extra=None):
     """The environment without the test session's 8-device XLA flag (runs pick their own devices)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
+    env["WANDB_MODE"] = "disabled"  # W&B's own tests opt in (offline) through `extra`
     env.update(extra or {})
     return env
 

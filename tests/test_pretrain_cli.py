@@ -67,7 +67,7 @@ def test_run_record_and_multirun(tmp_path, tiny_sudoku, compile_cache):
     run = tmp_path / "runs" / "adhoc" / runs[0]
     assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "logs", "metadata.json", "overrides.yaml",
                                        "requirements.txt", "status.json"]
-    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
     assert "max_steps: 3" in (run / "config.yaml").read_text()
     assert "seed=0" in (run / "overrides.yaml").read_text()
     meta = json.loads((run / "metadata.json").read_text())

@@ -78,7 +78,7 @@ def test_sigterm_then_resume_is_bit_identical(tmp_path, tiny_sudoku, compile_cac
     again = pretrain(*run_args(tiny_sudoku, tmp_path, compile_cache, "cut"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from step {status['step']}" in again.stdout
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
     a, b = train_losses(tmp_path / "adhoc" / "straight"), train_losses(run_dir)
     assert sorted(a) == sorted(b) == list(range(1, 17))
     assert a == b  # bit-identical floats, every step
@@ -149,7 +149,11 @@ def test_preempt_and_resume_on_gcs(tmp_path, tiny_sudoku, compile_cache, gcs_pre
         assert proc.returncode == 0, err[-3000:]  # finished before the signal landed
     again = pretrain(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads(gcs.read_text(root + "/adhoc/g/status.json"))["state"] == "finished"
+    assert json.loads(gcs.read_text(root + "/adhoc/g/status.json"))["state"] == "completed"
+    record = set(gcs.list_files(root + "/adhoc/g"))  # the whole local record lands on gs:// too
+    for name in ("summary.json", "metrics.csv", "reproduce.sh", "logs/train.log", "plots/loss_vs_step.png"):
+        assert name in record, name
+    assert json.loads(gcs.read_text(root + "/adhoc/g/summary.json"))["final_eval"]["step"] == 16
     steps = {int(p.split("/")[0]) for p in gcs.list_files(root + "/adhoc/g/checkpoints") if p.split("/")[0].isdigit()}
     assert 16 in steps
 

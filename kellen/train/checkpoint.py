@@ -26,7 +26,7 @@ RESUMABLE_CHANGES = ("epochs", "eval_interval", "min_eval_interval", "eval_at_st
                      "checkpoint_every_steps", "checkpoint_keep", "checkpoint_every_eval", "save_checkpoint_steps",
                      "output_root", "run_name", "group", "project_name", "checkpoint_path", "load_checkpoint",
                      "compilation_cache_dir", "distributed", "mesh", "use_tpu", "num_workers", "data_build",
-                     "eval_save_outputs")
+                     "eval_save_outputs", "heartbeat_seconds", "peak_tflops_per_device", "wandb")
 
 
 def identity(config: Dict[str, Any]) -> Dict[str, Any]:

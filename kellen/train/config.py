@@ -63,6 +63,18 @@ class DistributedConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases, written by process 0 only. The group is the run's experiment group."""
+    mode: Optional[str] = None  # online | offline | disabled; None: WANDB_MODE, else online iff an API key is set
+    project: Optional[str] = None  # None: project_name, else "TRM-Scaling-Research"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)  # besides the group name
+    job_type: str = "train"
+    notes: Optional[str] = None
+    init_timeout: float = 60.0  # seconds; past it (no network) W&B is skipped with a warning
+
+
+@dataclass
 class DataBuildConfig:
     """How to build data_paths[0] when it is missing (`kellen data <kind> --generate ...`)."""
     kind: str = "sudoku"  # sudoku | maze
@@ -118,7 +130,10 @@ class PretrainConfig:
     load_checkpoint: Optional[str] = None
     eval_save_outputs: List[str] = field(default_factory=list)
     compilation_cache_dir: Optional[str] = "~/.cache/kellen/jax"  # null turns the cache off
-    log_every: int = 1
+    log_every: int = 1  # train metrics are fetched from the device every this many steps
+    heartbeat_seconds: float = 30.0  # status.json's heartbeat is refreshed at most this often
+    peak_tflops_per_device: Optional[float] = None  # for perf/mfu; None: a table by device kind
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     # Execution.
     mesh: MeshConfig = field(default_factory=MeshConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

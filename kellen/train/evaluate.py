@@ -31,10 +31,14 @@ def make_eval_step(cfg: TRMConfig) -> Callable:
     return eval_step
 
 
+# Train metrics that are already final values, not sums over rows.
+NOT_SUMS = ("grad_norm", "param_norm")
+
+
 def normalise_train(metrics: Dict[str, float], global_batch_size: int) -> Dict[str, float]:
     """The reference's train logging: losses per global-batch row, the rest per counted row."""
     count = max(metrics.get("count", 0.0), 1.0)
-    out = {f"train/{k}": v / (global_batch_size if k.endswith("loss") else count)
+    out = {f"train/{k}": v if k in NOT_SUMS else v / (global_batch_size if k.endswith("loss") else count)
            for k, v in metrics.items() if k != "count"}
     out["train/count"] = metrics.get("count", 0.0)
     return out

@@ -7,9 +7,12 @@ iteration (eval_interval epochs): train steps, then evaluate -> close the run re
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import time
-from typing import Any, Dict, List
+import traceback
+import warnings
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +22,24 @@ import yaml
 from kellen.data import format as fmt
 from kellen.data.sampler import TrainSampler, eval_batches, num_eval_batches
 from kellen.model.config import ConfigError
+from kellen.model.flops import peak_tflops, train_step_flops
 from kellen.train import mesh as meshlib
 from kellen.train.config import PretrainConfig, trm_config
 from kellen.train.evaluate import make_eval_step, normalise_eval, normalise_train
 from kellen.train.progress import Progress
-from kellen.train.resume import RunCheckpoints, check_resume_config, resume_note
+from kellen.train.redact import redact, redact_obj
+from kellen.train.resume import Preempted, RunCheckpoints, check_resume_config, resume_note
 from kellen.train.run_record import RunRecord, all_hostnames, metadata
 from kellen.train.schedule import lr_multiplier
 from kellen.train.step import OptimConfig, init_train_state, make_train_step
+from kellen.train.telemetry import StepTimer, count_params
+from kellen.train.wandb_log import WandbRun, new_run_id, resolve_mode
+
+DEFAULT_PROJECT = "TRM-Scaling-Research"
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf training loss: the run stops (status failed) instead of training on."""
 
 
 def check_config(cfg: PretrainConfig) -> None:
@@ -107,6 +120,10 @@ class Trainer:
                                     self.epochs_per_iter, pidx, pcount)
         self.opt = optim_config(cfg)
         self._build_steps()
+        self.timer = StepTimer(cfg.global_batch_size, meta.seq_len, train_step_flops(self.model_cfg, cfg.global_batch_size),
+                               jax.device_count(), peak_tflops(jax.devices()[0].device_kind, cfg.peak_tflops_per_device))
+        self.last_metrics: Dict[str, float] = {}  # the latest logged row, for status.json and FAILED.txt
+        self.step = 0
 
     def _build_steps(self) -> None:
         cfg, b, seq = self.cfg, self.cfg.global_batch_size, self.model_cfg.seq_len
@@ -124,6 +141,7 @@ class Trainer:
         step = make_train_step(self.model_cfg, self.opt, self.total_steps, b)
         self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, rep),
                                   out_shardings=(self.state_sharding, rep, rep), donate_argnums=0)
+        self.compiled_step = None  # compiled ahead of the first step, to time the compile on its own
         weights_sharding = self.state_sharding["weights"]
         self.eval_step = jax.jit(make_eval_step(self.model_cfg), in_shardings=(weights_sharding, self.batch_sharding),
                                  out_shardings=rep)
@@ -164,20 +182,28 @@ class Trainer:
         blocking = jax.default_backend() == "cpu"  # several in-flight CPU steps can deadlock
         key = jax.random.PRNGKey(cfg.seed) if key is None else key
         end = self.end_step()
-        progress = Progress(end, start_step, enabled=record.writer)
+        progress = Progress(end, start_step, enabled=record.writer, log=record.say)
         it, k = self.sampler.locate(start_step)
         step, last_eval, pending = start_step, {}, None
+        self.step = step
         if start_step == 0 and cfg.eval_at_start:
             self._eval_and_log(state, 0)
         groups_per_step = cfg.global_batch_size / self.train_split.meta.mean_puzzle_examples
         while step < end:
             batch = self.global_batch(self.sampler.batch(step))
-            state, loss, metrics = self.train_step(state, batch, jax.random.fold_in(key, step))
+            rng = jax.random.fold_in(key, step)
+            if self.compiled_step is None:
+                t0 = time.perf_counter()
+                self.compiled_step = self.train_step.lower(state, batch, rng).compile()
+                record.log({"step": step, "perf/compile_time": round(time.perf_counter() - t0, 3)})
+                self.timer.restart(step)
+            state, loss, metrics = self.compiled_step(state, batch, rng)
             if blocking:
                 jax.block_until_ready(loss)
             if pending is not None:  # read the previous step's metrics while this one runs
                 self._log_train(*pending, progress)
             step += 1
+            self.step = step
             pending = (step, metrics, groups_per_step * step / self.train_split.meta.total_groups)
             if saver is not None:
                 saver.after_step(step, state, key, lambda: self._log_train(*pending, progress))
@@ -209,21 +235,36 @@ class Trainer:
             return
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         row = {"step": step, "epoch": round(epoch, 4), **normalise_train(m, self.cfg.global_batch_size),
-               "train/lr": self.lr_at(step), "time": time.time()}
+               "train/lr": self.lr_at(step), **self.timer.perf(step), "time": time.time()}
         self.record.log(row)
+        self.last_metrics = row
         progress.update(step, row)
+        if not all(math.isfinite(row[k]) for k in ("train/lm_loss", "train/q_halt_loss") if k in row):
+            raise NonFiniteLoss(f"non-finite training loss at step {step}: lm_loss={row.get('train/lm_loss')} "
+                                f"q_halt_loss={row.get('train/q_halt_loss')}")
+        if time.time() - self._heartbeat >= self.cfg.heartbeat_seconds:
+            self.heartbeat(step)
+
+    _heartbeat = 0.0
+
+    def heartbeat(self, step: int) -> None:
+        self._heartbeat = time.time()
+        self.record.status("running", step, self.end_step(), self.last_metrics)
 
     def _eval_and_log(self, state, step, key=None, saver=None) -> Dict[str, float]:
         t = time.time()
         metrics = self.evaluate(state)
         row = {"step": step, **metrics, "eval/seconds": round(time.time() - t, 3), "time": time.time()}
         self.record.log(row)
-        if self.record.writer:
-            print("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                          if k.endswith(("accuracy", "lm_loss")))), flush=True)
+        self.last_metrics = dict(self.last_metrics, **row)
+        self.record.say("eval step %d: %s" % (step, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                                                              if k.endswith(("accuracy", "lm_loss")))))
         if saver is not None:
             saver.after_eval(step, state, key, {k.rsplit("/", 1)[-1]: v for k, v in metrics.items()})
+        self.record.write_derived()
+        self.heartbeat(step)  # also uploads status.json; sync() below uploads the rest
         self.record.sync()
+        self.timer.restart(step)  # eval time is not step time
         return metrics
 
 
@@ -237,7 +278,30 @@ def describe(trainer: Trainer) -> str:
             f"{num_eval_batches(trainer.test_split.only_set(), c.global_batch_size)} eval batches")
 
 
-def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str], repo: str) -> Dict[str, Any]:
+def start_wandb(cfg: PretrainConfig, record: RunRecord, group: str, name: str, config: Dict[str, Any],
+                saved_id: Optional[str]) -> WandbRun:
+    """The W&B run for this run dir (process 0): the id is kept in wandb.json (and in checkpoint
+    metadata), and resume="allow" makes a restarted run continue the same W&B run."""
+    import json
+
+    stored = record.read("wandb.json")
+    run_id = (json.loads(stored)["id"] if stored else None) or saved_id or new_run_id()
+    mode = resolve_mode(cfg.wandb.mode)
+    project = cfg.wandb.project or cfg.project_name or DEFAULT_PROJECT
+    tags = [group] + [t for t in cfg.wandb.tags if t != group]
+    wb = WandbRun(project=project, group=group, name=name, run_id=run_id, tags=tags, job_type=cfg.wandb.job_type,
+                  config=redact_obj(config), directory=record.local, mode=mode, entity=cfg.wandb.entity,
+                  notes=redact(cfg.wandb.notes) if cfg.wandb.notes else None, init_timeout=cfg.wandb.init_timeout)
+    if record.writer:
+        record.write_json("wandb.json", {"id": run_id, "project": project, "group": group, "name": name,
+                                         "mode": mode, "entity": cfg.wandb.entity, "tags": tags})
+        if wb.start():
+            record.sinks.append(lambda row: wb.log(row, row["step"]) if "step" in row else None)
+    return wb
+
+
+def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str], repo: str,
+        group: str = "adhoc", name: str = "run", argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Everything after Hydra: the one path from a config to a trained run."""
     check_config(cfg)
     writer = jax.process_index() == 0
@@ -246,20 +310,44 @@ def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str
     changed = check_resume_config(record, config_yaml)  # before any compile: refuse a changed model
     trainer = Trainer(cfg, record)
     hostnames = all_hostnames()
-    record.write_start(config_yaml, overrides, metadata(trainer.mesh, jax.process_count(), hostnames, repo),
-                       resumed=changed is not None)
-    saver = RunCheckpoints(cfg, trainer, record, yaml.safe_load(config_yaml))
-    try:
-        state, key, start = saver.restore_or_init()
-        if writer:
-            print(describe(trainer), flush=True)
-            print(f"run dir {run_dir}", flush=True)
-        if start:
-            resume_note(record, changed or [], start)
-        saver.status("running", start)
-        final = trainer.fit(state, start, key, saver)
-        saver.status("finished", trainer.end_step())
-    finally:
-        saver.close()
-        record.close()
-    return {"run_dir": run_dir, "final_eval": final}
+    meta = metadata(trainer.mesh, jax.process_count(), hostnames, repo)
+    record.write_start(config_yaml, overrides, meta, resumed=changed is not None)
+    if changed is None:
+        record.write_reproduce(list(argv or []), meta["git"], meta["git"].get("remote"))
+    config = yaml.safe_load(config_yaml)
+    saver = RunCheckpoints(cfg, trainer, record, config)
+    wb, outcome, exit_code = None, "failed", 1
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda msg, cat, *a, **k: record.say(f"warning: {cat.__name__}: {msg}")
+        try:
+            state, key, start = saver.restore_or_init()
+            wb = start_wandb(cfg, record, group, name, config, saver.restored_meta.get("wandb_run_id"))
+            saver.wandb_run_id = wb.run_id
+            num_params = count_params(state["weights"])
+            record.log({"step": start, "num_params": num_params})
+            wb.summary_update({"num_params": num_params})
+            if writer:
+                record.say(describe(trainer) + f" | {num_params:,} params")
+                record.say(f"run dir {run_dir}")
+            if start:
+                resume_note(record, changed or [], start)
+            saver.status("running", start)
+            final = trainer.fit(state, start, key, saver)
+            saver.status("completed", trainer.end_step())
+            outcome, exit_code = "completed", 0
+        except Preempted:
+            outcome, exit_code = "preempted", Preempted.exit_code
+            raise
+        except BaseException as e:  # FAILED.txt for anything else, then let it propagate
+            record.write_failed(trainer.step, f"{type(e).__name__}: {e}", traceback.format_exc(), trainer.last_metrics)
+            record.status("failed", trainer.step, trainer.end_step(), trainer.last_metrics)
+            raise
+        finally:
+            try:
+                record.write_derived()
+                if wb is not None:
+                    wb.finish(exit_code)
+            finally:
+                saver.close()
+                record.close()
+    return {"run_dir": run_dir, "final_eval": final, "outcome": outcome}

@@ -6,8 +6,11 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, start: int, enabled: bool = True, plain_every_s: float = 30.0):
+    def __init__(self, total: int, start: int, enabled: bool = True, plain_every_s: float = 30.0, log=None):
+        """`log(line, echo)` receives the plain line (every plain_every_s, the first and the last
+        step) for the run's train.log; echo is False while the rich bar shows it on the terminal."""
         self.total, self.start, self.enabled = total, start, enabled
+        self.log = log or (lambda line, echo=True: print(line, flush=True) if echo else None)
         self.t0, self.last_plain, self.plain_every_s = time.time(), 0.0, plain_every_s
         self._bar = None
         if enabled and sys.stdout.isatty():
@@ -28,9 +31,9 @@ class Progress:
                 f"exact {row.get('train/exact_accuracy', 0):.3f} | {rate:.2f} steps/s")
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
-        elif time.time() - self.last_plain >= self.plain_every_s or step == self.total or step == self.start + 1:
+        if time.time() - self.last_plain >= self.plain_every_s or step == self.total or step == self.start + 1:
             self.last_plain = time.time()
-            print(f"step {step}/{self.total} | {info} | ETA {_fmt(eta)}", flush=True)
+            self.log(f"step {step}/{self.total} | {info} | ETA {_fmt(eta)}", self._bar is None)
 
     def close(self) -> None:
         if self._bar is not None:

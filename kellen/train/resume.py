@@ -7,6 +7,8 @@
   exact_accuracy) and at the end a save is forced.
 - Preemption: at the first step boundary after SIGTERM (or JAX's preemption sync point on a pod)
   every process saves, the status file says `preempted`, and the run exits with code 75.
+- Each checkpoint's metadata carries the W&B run id, so a resumed run logs to the same W&B run
+  even if the run dir's wandb.json is gone.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import yaml
 
 from kellen.model.config import ConfigError
 from kellen.train import checkpoint as ck, mesh as meshlib
+from kellen.train.redact import redact
 from kellen.train.run_record import versions
 
 
@@ -34,7 +37,8 @@ def check_resume_config(record, config_yaml: str) -> Optional[list]:
     frozen_text = record.read("config.yaml")
     if frozen_text is None:
         return None
-    old, new = yaml.safe_load(frozen_text), yaml.safe_load(config_yaml)
+    # The frozen copy was written redacted; compare like with like.
+    old, new = yaml.safe_load(frozen_text), yaml.safe_load(redact(config_yaml))
     bad = ck.config_differences(old, new)
     if bad:
         raise ConfigError(f"{record.root}/config.yaml: resuming with a different " + ", ".join(bad) +
@@ -52,6 +56,8 @@ class RunCheckpoints:
         self.config_hash = ck.config_hash(config)
         self.preempt = ck.PreemptionWatch()
         self.last_saved = None
+        self.restored_meta: Dict[str, Any] = {}  # the restored checkpoint's metadata (W&B id, ...)
+        self.wandb_run_id: Optional[str] = None  # saved with each checkpoint
 
     def restore_or_init(self):
         """(state, key, start step): the latest committed checkpoint, or a fresh state."""
@@ -68,13 +74,13 @@ class RunCheckpoints:
         if meta.get("config_hash") != self.config_hash:
             raise ConfigError(f"{self.ckpt.directory}: checkpoint {latest} was written by a different config "
                               f"(hash {meta.get('config_hash')} vs {self.config_hash})")
-        self.last_saved = latest
+        self.last_saved, self.restored_meta = latest, meta
         return state, rng, latest
 
     def _meta(self, step: int) -> Dict[str, Any]:
         it, k = self.trainer.sampler.locate(step)
         return {"step": step, "config_hash": self.config_hash, "data_position": {"iteration": it, "batch": k},
-                "versions": versions(), "wandb_run_id": None}
+                "versions": versions(), "wandb_run_id": self.wandb_run_id}
 
     def _save(self, step, state, key, metrics=None, force=False) -> None:
         if step == self.last_saved:
@@ -105,7 +111,7 @@ class RunCheckpoints:
         self.ckpt.wait()
 
     def status(self, state: str, step: int) -> None:
-        self.record.write_json("status.json", {"state": state, "step": step})
+        self.record.status(state, step, self.trainer.end_step(), self.trainer.last_metrics)
 
     def close(self) -> None:
         self.preempt.close()

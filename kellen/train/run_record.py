@@ -1,8 +1,14 @@
-"""The run directory: `<output_root>/<group>/<run name>/` with config.yaml, overrides.yaml,
-metadata.json, requirements.txt and logs/metrics.jsonl.
+"""The run directory `<output_root>/<group>/<run name>/`, written whatever the W&B mode:
 
-Only process 0 writes. With a gs:// output root the record is staged on local disk and uploaded
-on `sync()` (evals, checkpoints, the end), since GCS objects cannot be appended to.
+  config.yaml, overrides.yaml, metadata.json, requirements.txt, reproduce.sh   at the first start
+  logs/metrics.jsonl, logs/train.log                                           as the run goes
+  metrics.csv, summary.json, plots/*.png                                       at each eval, the end
+  status.json (running / completed / failed / preempted + heartbeat)           atomically, always
+  FAILED.txt                                                                   on an exception or NaN
+
+Only process 0 writes, and every text goes through `redact` first. With a gs:// output root the
+record is staged on local disk and uploaded on `sync()` (changed files only), since GCS objects
+cannot be appended to; status.json is uploaded on its own at each heartbeat.
 """
 from __future__ import annotations
 
@@ -12,11 +18,15 @@ import json
 import os
 import platform
 import re
+import shlex
 import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from kellen.train.redact import environment, redact, redact_obj
 
 # Overrides that do not change what a run computes, so they do not rename it.
 NAME_NEUTRAL = ("run_name", "group", "project_name", "output_root", "checkpoint_path", "load_checkpoint",
@@ -61,7 +71,8 @@ def git_info(path: str) -> Dict[str, Any]:
     if not commit:
         return {"commit": None, "branch": None, "dirty": None}
     return {"commit": commit, "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "remote": git("config", "--get", "remote.origin.url") or None}  # redacted when written
 
 
 def versions() -> Dict[str, Optional[str]]:
@@ -112,6 +123,20 @@ class RunRecord:
                 gcs.download_tree(self.root, self.local)  # a resumed run appends to its record
             os.makedirs(os.path.join(self.local, "logs"), exist_ok=True)
         self._log = None
+        self._uploaded: Dict[str, tuple] = {}
+        self.sinks: List[Callable[[Dict[str, Any]], None]] = []  # e.g. W&B; get every logged row
+        # Training wall-clock continues across preemptions: `elapsed` picks up where the log stopped.
+        self.elapsed_base, self.t0 = (self._last_elapsed() if writer else 0.0), time.time()
+
+    def _last_elapsed(self) -> float:
+        from kellen.train.summary import read_rows
+
+        path = os.path.join(self.local, "logs", "metrics.jsonl")
+        rows = read_rows(path) if os.path.exists(path) else []
+        return max((float(r["elapsed"]) for r in rows if isinstance(r.get("elapsed"), (int, float))), default=0.0)
+
+    def elapsed(self) -> float:
+        return round(self.elapsed_base + time.time() - self.t0, 3)
 
     def read(self, name: str) -> Optional[str]:
         """A file of the record as it stands (every process can read; the local copy or gs://)."""
@@ -128,9 +153,73 @@ class RunRecord:
 
     def write_json(self, name: str, obj: Dict[str, Any]) -> None:
         if self.writer:
-            self._write(name, json.dumps(dict(obj, time=datetime.datetime.now(datetime.timezone.utc)
-                                              .isoformat(timespec="seconds"))) + "\n")
+            self._write(name, json.dumps(dict(obj, time=_now())) + "\n")
             self.sync()
+
+    def status(self, state: str, step: int, total: Optional[int] = None,
+               metrics: Optional[Dict[str, Any]] = None) -> None:
+        """status.json for any tool (runners, status tables): state, progress, last metrics and a
+        heartbeat; replaced atomically, uploaded on its own on gs://."""
+        if not self.writer:
+            return
+        body = {"state": state, "step": step, "total": total, "metrics": metrics or {},
+                "heartbeat": _now(), "heartbeat_unix": round(time.time(), 3), "host": socket.gethostname(),
+                "pid": os.getpid()}
+        self._write("status.json", json.dumps(body, default=float) + "\n")
+        self.sync_file("status.json")
+
+    def say(self, message: str, echo: bool = True) -> None:
+        """A console line from process 0, kept in logs/train.log too (echo=False: the file only)."""
+        if not self.writer:
+            return
+        if echo:
+            print(message, flush=True)
+        with open(os.path.join(self.local, "logs", "train.log"), "a") as f:
+            f.write(f"{_now()} {redact(message)}\n")
+
+    def write_reproduce(self, argv: List[str], git: Dict[str, Any], repo_url: Optional[str]) -> None:
+        """reproduce.sh: check out the commit, install, run the exact command."""
+        if not self.writer:
+            return
+        lines = ["#!/usr/bin/env bash", f"# Reproduces run {self.root} (written {_now()}).", "set -euo pipefail"]
+        if git.get("commit"):
+            if repo_url:
+                lines += [f"git clone {shlex.quote(repo_url)} kellen-repro", "cd kellen-repro"]
+            else:
+                lines.append("# run inside a clone of this repository")
+            lines.append(f"git checkout {git['commit']}")
+            if git.get("dirty"):
+                lines.append("# WARNING: the run started from a tree with uncommitted changes to tracked files")
+        else:
+            lines.append("# no git commit was recorded; run inside the source tree the run used")
+        lines += ["python3 -m venv .venv && . .venv/bin/activate", "pip install -e .",
+                  "# environment at the start (secrets masked):"]
+        lines += [f"#   {k}={v}" for k, v in environment().items()]
+        lines.append(shlex.join(["python", "pretrain_jax.py", *argv]))
+        self._write("reproduce.sh", "\n".join(lines) + "\n")
+        os.chmod(os.path.join(self.local, "reproduce.sh"), 0o755)
+
+    def write_failed(self, step: int, reason: str, trace: str, last_metrics: Dict[str, Any]) -> None:
+        if not self.writer:
+            return
+        text = (f"run failed at step {step}: {reason}\ntime {_now()} host {socket.gethostname()}\n\n"
+                f"last metrics:\n{json.dumps(last_metrics, indent=1, default=float)}\n\ntraceback:\n{trace}")
+        self._write("FAILED.txt", text)
+        self.sync()
+
+    def write_derived(self, num_params: Optional[int] = None) -> None:
+        """metrics.csv, summary.json and plots/ from logs/metrics.jsonl (all of it, every segment)."""
+        if not self.writer:
+            return
+        from kellen.train import plots, summary
+
+        if self._log is not None:
+            self._log.flush()
+        rows = summary.read_rows(os.path.join(self.local, "logs", "metrics.jsonl"))
+        summary.write_csv(rows, os.path.join(self.local, "metrics.csv"))
+        summary.write_summary(rows, os.path.join(self.local, "summary.json"), num_params=num_params)
+        os.makedirs(os.path.join(self.local, "plots"), exist_ok=True)
+        plots.write_plots(rows, os.path.join(self.local, "plots"))
 
     def write_start(self, config_yaml: str, overrides: List[str], metadata: Dict[str, Any],
                     resumed: bool = False) -> None:
@@ -150,28 +239,41 @@ class RunRecord:
     def _write(self, name: str, text: str) -> None:
         path = os.path.join(self.local, name)
         with open(path + ".tmp", "w") as f:
-            f.write(text)
+            f.write(redact(text))
         os.replace(path + ".tmp", path)
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.writer:
             return
+        record = dict(record, elapsed=record.get("elapsed", self.elapsed()))
         if self._log is None:
             self._log = open(os.path.join(self.local, "logs", "metrics.jsonl"), "a", buffering=1)
-        self._log.write(json.dumps(record) + "\n")
+        self._log.write(json.dumps(redact_obj(record)) + "\n")
+        for sink in self.sinks:
+            sink(record)
 
     def sync(self) -> None:
         if self._log is not None:
             self._log.flush()
         if self.writer and self.remote:
             from kellen import gcs
-            gcs.upload_tree(self.local, self.root)
+            gcs.upload_tree(self.local, self.root, changed=self._uploaded)
+
+    def sync_file(self, name: str) -> None:
+        if self.writer and self.remote:
+            from kellen import gcs
+            with open(os.path.join(self.local, name)) as f:
+                gcs.write_text(f"{self.root}/{name}", f.read())
 
     def close(self) -> None:
         self.sync()
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def metadata(mesh, process_count: int, hostnames: List[str], repo: str) -> Dict[str, Any]:
@@ -181,6 +283,7 @@ def metadata(mesh, process_count: int, hostnames: List[str], repo: str) -> Dict[
     return {
         "git": git_info(repo),
         "command": [sys.executable] + sys.argv,
+        "environment": environment(),
         "hostnames": hostnames,
         "versions": versions(),
         "backend": jax.default_backend(),

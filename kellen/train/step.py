@@ -81,6 +81,9 @@ def make_train_step(cfg: TRMConfig, opt: OptimConfig, total_steps: int, global_b
             ema = ema_update(ema, new_weights["params"], opt.ema_rate)
         new_state = {"weights": new_weights, "opt_state": opt_state, "ema": ema,
                      "carry": res["carry"], "step": state["step"] + 1}
-        return new_state, res["loss"], res["metrics"]
+        # Norms of the dense params' (batch-mean) gradient and of the updated params, for logging.
+        metrics = dict(res["metrics"], grad_norm=optax.global_norm(g_params),
+                       param_norm=optax.global_norm(new_weights["params"]))
+        return new_state, res["loss"], metrics
 
     return train_step
