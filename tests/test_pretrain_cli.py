@@ -65,8 +65,10 @@ def test_run_record_and_multirun(tmp_path, tiny_sudoku, compile_cache):
     runs = sorted(os.listdir(tmp_path / "runs" / "adhoc"))
     assert len(runs) == 2 and all(n.startswith("tiny--seed=") for n in runs), runs
     run = tmp_path / "runs" / "adhoc" / runs[0]
-    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "logs", "metadata.json", "overrides.yaml",
-                                       "requirements.txt", "status.json"]
+    # W&B is disabled in the tests' environment, so no wandb/ (tests/test_run_outputs.py covers it).
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "logs", "metadata.json", "metrics.csv",
+                                       "overrides.yaml", "plots", "reproduce.sh", "requirements.txt", "status.json",
+                                       "summary.json", "wandb.json"]
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     assert "max_steps: 3" in (run / "config.yaml").read_text()
     assert "seed=0" in (run / "overrides.yaml").read_text()

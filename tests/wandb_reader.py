@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import time
 import struct
 import zlib
 from typing import Any, Dict, Iterator, List
@@ -108,10 +109,23 @@ def _apply(d: Dict[str, Any], update, remove=()) -> None:
         _drop(d, _key(item))
 
 
-def read_offline_run(run_dir: str) -> Dict[str, Any]:
-    """One segment (an `offline-run-*` dir or its .wandb file) as a plain dict."""
+def read_offline_run(run_dir: str, wait_s: float = 15.0) -> Dict[str, Any]:
+    """One segment (an `offline-run-*` dir or its .wandb file) as a plain dict.
+
+    `run.finish()` can return before wandb-core has flushed the log, so a log without its exit
+    record yet is read again (up to `wait_s`) rather than half-parsed."""
+    path = wandb_file(run_dir)
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            records = list(iter_records(path))
+        except AssertionError:  # a record still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            break
+        time.sleep(0.1)
     out: Dict[str, Any] = {"dir": run_dir, "config": {}, "history": [], "summary": {}, "exit_code": None}
-    for rec in iter_records(wandb_file(run_dir)):
+    for rec in records:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
