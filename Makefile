@@ -13,8 +13,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The embedded default: the `demo` experiment group (2 tiny runs on generated easy Sudoku) through
+# the batch runner, on CPU, with no TPU, GCS or W&B account. Re-running skips finished runs.
 demo: $(STAMP)
-	$(BIN)/python pretrain_jax.py +experiment=quick_test
+	$(BIN)/kellen generate demo
+	$(BIN)/python kellen/experiments/run_experiment_batch.py --pattern 'demo_*'
+	$(BIN)/kellen status 'demo_*'
+	$(BIN)/kellen guide demo
+	@echo "run records, summary.json and plots/: runs/demo/<run>/ | guide: kellen/experiments/guides/demo.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -95,3 +95,13 @@ def test_gcs_output_root_gets_the_run_record(tmp_path, tiny_sudoku, compile_cach
     assert {"config.yaml", "overrides.yaml", "metadata.json", "requirements.txt", "logs/metrics.jsonl"} <= set(files)
     lines = gcs.read_text(f"{root}/adhoc/on-gcs/logs/metrics.jsonl").splitlines()
     assert any('"eval/all/accuracy"' in line for line in lines)
+
+
+def test_relative_output_root_checkpoints(tmp_path, tiny_sudoku, compile_cache):
+    # `output_root=runs` (the default) is relative to where the command runs; Orbax needs absolute paths.
+    r = pretrain("+experiment=tiny", f"data_paths=[{tiny_sudoku}]", "max_steps=8", "output_root=runs",
+                 "run_name=rel", f"compilation_cache_dir={compile_cache}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "runs" / "adhoc" / "rel"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert (run / "checkpoints" / "8" / "state").is_dir()

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, Optional
 
 import jax
@@ -50,6 +51,8 @@ class RunCheckpoints:
     def __init__(self, cfg, trainer, record, config: Dict[str, Any]):
         self.trainer, self.record = trainer, record
         directory = cfg.checkpoint_path or f"{record.root}/checkpoints"
+        if not directory.startswith("gs://"):
+            directory = os.path.abspath(directory)  # Orbax refuses relative paths (output_root=runs)
         every = cfg.checkpoint_every_steps or cfg.save_checkpoint_steps
         self.ckpt = ck.Checkpointer(directory, every, cfg.checkpoint_keep)
         self.every_eval = cfg.checkpoint_every_eval
