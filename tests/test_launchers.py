@@ -105,6 +105,16 @@ time.sleep(120)
 """
 
 
+@pytest.fixture(autouse=True)
+def default_sigint():
+    """Ctrl-C must raise KeyboardInterrupt here whatever an earlier test in this process installed."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_when(path, text, times, count=1):
     """Ctrl-C (SIGINT to the main thread) once `text` shows `times` times in `path`, `count` times."""
     import signal
