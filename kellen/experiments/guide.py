@@ -17,7 +17,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from kellen.experiments.status import check_criteria, group_status, overall_state
@@ -231,18 +230,6 @@ def _same_apart_from_timestamp(a: str, b: str) -> bool:
     return LAST_UPDATED.sub("", a) == LAST_UPDATED.sub("", b)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _read_root(root: Optional[str]) -> Optional[str]:
     """Relative local roots are the repo's (where the run commands are started), not the cwd's."""
     if root and not root.startswith("gs://") and not os.path.isabs(root):
@@ -264,7 +251,9 @@ def write_guide(group, out_dir: Optional[str] = None, output_root: Optional[str]
         with open(path, encoding="utf-8") as f:
             if _same_apart_from_timestamp(f.read(), text):
                 return path, False
-    _atomic_write(path, text)
+    from kellen.experiments.generate import write_atomic  # one atomic writer for generated files
+
+    write_atomic(path, text)
     return path, True
 
 
