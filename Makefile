@@ -19,8 +19,9 @@ demo: $(STAMP)
 	$(BIN)/kellen generate demo
 	$(BIN)/python kellen/experiments/run_experiment_batch.py --pattern 'demo_*'
 	$(BIN)/kellen status 'demo_*'
+	$(BIN)/kellen compare demo
 	$(BIN)/kellen guide demo
-	@echo "run records, summary.json and plots/: runs/demo/<run>/ | guide: kellen/experiments/guides/demo.md"
+	@echo "run records, summary.json and plots/: runs/demo/<run>/ | comparison table and plots: reports/demo/ | guide: kellen/experiments/guides/demo.md"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

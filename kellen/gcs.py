@@ -82,6 +82,15 @@ def list_files(url: str) -> list[str]:
     return sorted(n for n in names if n and not n.endswith("/"))  # skip "folder" placeholders
 
 
+def list_dirs(url: str) -> list[str]:
+    """Names of the immediate "sub-directories" under the url (common prefixes), sorted."""
+    bucket, prefix = split_gcs(url)
+    base = _dir_prefix(prefix)
+    pages = client().list_blobs(bucket, prefix=base, delimiter="/").pages
+    found = {p[len(base):].strip("/") for page in pages for p in page.prefixes}
+    return sorted(n for n in found if n)
+
+
 def exists(url: str) -> bool:
     """True if the url names an object, or any object lies under it."""
     bucket, prefix = split_gcs(url)

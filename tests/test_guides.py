@@ -72,8 +72,9 @@ def test_render_without_status_has_every_section():
     assert "- `arch.mlp_t`: `true`" in text and "- `global_batch_size`: `768`" in text
     for run in ("exp03_a", "exp03_b", "exp03_c"):
         assert f"gs://bucket/checkpoints/exp03/{run}/" in text
-    assert "gsutil -m cp -r gs://bucket/checkpoints/exp03 ./results/" in text
-    assert "gcloud storage cp -r gs://bucket/checkpoints/exp03 ./results/" in text
+    assert "gsutil -m cp -r gs://bucket/checkpoints/exp03 ./results/checkpoints/" in text
+    assert "gcloud storage cp -r gs://bucket/checkpoints/exp03 ./results/checkpoints/" in text
+    assert "kellen results download exp03 --with-checkpoints" in text
     assert "kellen results download exp03" in text
     assert "python kellen/experiments/run_experiment_batch.py --pattern exp03" in text
     assert "python kellen/experiments/run_experiment.py exp03_b epochs=10000" in text

@@ -145,7 +145,7 @@ def _plots(group, metrics: List[str]) -> List[str]:
 
 
 def context(group, statuses: Optional[Mapping[str, Any]] = None, now=None,
-            output_root: Optional[str] = None) -> Dict[str, Any]:
+            output_root: Optional[str] = None, results: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Everything the template uses besides `group` itself."""
     runs = {}
     if statuses:
@@ -203,6 +203,7 @@ def context(group, statuses: Optional[Mapping[str, Any]] = None, now=None,
         "wandb_tags": [group.id] + [t for t in group.tags if t != group.id],
         "run_rows": _status_rows(group, runs),
         "last_updated": stamp,
+        "results": results,  # report.build() output for `--results`, else None
     }
 
 
@@ -218,12 +219,17 @@ def environment(template_dir: Optional[str] = None):
 
 
 def render_guide(group, statuses: Optional[Mapping[str, Any]] = None, now=None,
-                 template_dir: Optional[str] = None, output_root: Optional[str] = None) -> str:
+                 template_dir: Optional[str] = None, output_root: Optional[str] = None,
+                 results: Optional[Mapping[str, Any]] = None) -> str:
     """The guide's markdown. `statuses`: group_status() output (or its "runs" mapping); None
     renders every run as not started. `now`: datetime, unix time or a string for "Last updated".
     `output_root`: the run-record root shown in the guide (default the spec's, else `runs`)."""
     template = environment(template_dir).get_template(TEMPLATE)
-    return template.render(group=group, **context(group, statuses, now, output_root))
+    return template.render(group=group, **context(group, statuses, now, output_root, results))
+
+
+RESULTS_BLOCK = re.compile(r"<!-- results -->\n.*?<!-- /results -->\n", re.S)
+FILLED = "_Filled by `kellen guide"
 
 
 def _same_apart_from_timestamp(a: str, b: str) -> bool:
@@ -238,19 +244,29 @@ def _read_root(root: Optional[str]) -> Optional[str]:
 
 
 def write_guide(group, out_dir: Optional[str] = None, output_root: Optional[str] = None,
-                with_status: bool = True, now=None, template_dir: Optional[str] = None) -> Tuple[str, bool]:
-    """Render `<out_dir>/<id>.md`; returns (path, whether the file was (re)written)."""
+                with_status: bool = True, now=None, template_dir: Optional[str] = None,
+                results: Optional[Mapping[str, Any]] = None) -> Tuple[str, bool]:
+    """Render `<out_dir>/<id>.md`; returns (path, whether the file was (re)written). `results`:
+    report.build() output, which fills the Results section (and the Status table, from the same
+    records)."""
     out_dir = out_dir or DEFAULT_OUT
     os.makedirs(out_dir, exist_ok=True)
     statuses = None
-    if with_status:
+    if results is not None:
+        statuses = {r.name: r.status for r in results["report"]["runs"] if r.in_spec}
+    elif with_status:
         statuses = group_status(group, _read_root(output_root or group.output_root or "runs"))
-    text = render_guide(group, statuses, now=now, template_dir=template_dir, output_root=output_root)
+    text = render_guide(group, statuses, now=now, template_dir=template_dir, output_root=output_root, results=results)
     path = os.path.join(out_dir, f"{group.id}.md")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            if _same_apart_from_timestamp(f.read(), text):
-                return path, False
+            old = f.read()
+        if results is None:  # a plain re-render keeps the Results an earlier --results filled in
+            kept = RESULTS_BLOCK.search(old)
+            if kept and FILLED in kept.group(0):
+                text = RESULTS_BLOCK.sub(lambda _m: kept.group(0), text, count=1)
+        if _same_apart_from_timestamp(old, text):
+            return path, False
     from kellen.experiments.generate import write_atomic  # one atomic writer for generated files
 
     write_atomic(path, text)
@@ -267,10 +283,17 @@ def write_guides(groups: Iterable[Any], out_dir: Optional[str] = None, output_ro
 def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("groups", nargs="*", metavar="GROUP", help="group ids (configs/experiments/<id>.yaml); with --all, only these")
     p.add_argument("--all", action="store_true", help="every group spec")
+    p.add_argument("--spec-dir", default=None, metavar="DIR", help="group specs (default configs/experiments)")
     p.add_argument("--out", default=None, metavar="DIR", help=f"where guides go (default {_rel(DEFAULT_OUT)})")
     p.add_argument("--output-root", default=None, metavar="ROOT",
                    help="run-record root to read status from (default: the spec's output_root, else runs)")
     p.add_argument("--no-status", action="store_true", help="do not read run records")
+    p.add_argument("--results", action="store_true",
+                   help="fill the Results section (compare table, plots, criteria) and, for a finished group, "
+                        "its EXPERIMENT_LOG.md entry")
+    p.add_argument("--from", dest="source", default=None, metavar="DIR|gs://…",
+                   help="with --results: where <group>/<run>/ records are (default: results/ if downloaded, else the output root)")
+    p.add_argument("--log", default=None, metavar="FILE", help="with --results: the experiment log (default kellen/experiments/EXPERIMENT_LOG.md)")
     p.set_defaults(fn=cmd_guide)
 
 
@@ -284,10 +307,10 @@ def _load(args) -> List[Any]:
     from kellen.experiments import spec  # the loader lives beside the dataclasses
 
     if args.all:
-        groups = spec.load_all()
+        groups = spec.load_all(args.spec_dir)
         groups = list(groups.values()) if isinstance(groups, Mapping) else list(groups)
         return [g for g in groups if not args.groups or g.id in args.groups]
-    return [spec.load_group(g) for g in args.groups]
+    return [spec.load_group(g, args.spec_dir) for g in args.groups]
 
 
 def cmd_guide(args) -> int:
@@ -296,8 +319,18 @@ def cmd_guide(args) -> int:
         return 2
     try:
         for group in _load(args):
-            path, changed = write_guide(group, args.out, args.output_root, with_status=not args.no_status)
+            results = None
+            if args.results:
+                from kellen.experiments import report
+
+                results = report.build(group, args.out or DEFAULT_OUT, args.source or args.output_root)
+            path, changed = write_guide(group, args.out, args.output_root, with_status=not args.no_status,
+                                        results=results)
             print(f"{'wrote' if changed else 'unchanged'} {_rel(path)}")
+            if results is not None:
+                logged = report.update_log(group, results, args.log)
+                print(f"{results['status_line']}; " + (f"logged in {_rel(logged)}" if logged
+                                                       else "not logged in the experiment log until every run completes"))
     except Exception as e:  # spec errors, template errors, unwritable out dir: one line, exit 2
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if not isinstance(e, (ValueError, OSError)) or not msg:  # e.g. KeyError 'x': say what kind

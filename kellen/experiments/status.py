@@ -178,12 +178,18 @@ def metric_value(status: Optional[Mapping[str, Any]], metric: str) -> Optional[f
 
 def check_criteria(group, statuses: Optional[Mapping[str, Any]]) -> List[Tuple[str, Optional[bool]]]:
     """[(criterion text, True | False | None)] in spec order, None meaning "not decided yet".
+    See criteria_details for how each is judged."""
+    return [(c["text"], c["result"]) for c in criteria_details(group, statuses)]
+
+
+def criteria_details(group, statuses: Optional[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+    """[{"text", "result": True | False | None, "measured": {run: value}}] in spec order.
 
     Values come from completed runs' summary.json final_eval (the end of training, which is what
     a scaling comparison reports; best_eval would favour noisy runs). Scopes: baseline, a run
     name, all (False as soon as one finished run fails), any (True as soon as one holds)."""
     runs = _runs_of(statuses)
-    out: List[Tuple[str, Optional[bool]]] = []
+    out: List[Dict[str, Any]] = []
     for c in group.success_criteria:
         if c.scope in ("all", "any"):
             names = [r.name for r in group.runs]
@@ -191,13 +197,14 @@ def check_criteria(group, statuses: Optional[Mapping[str, Any]]) -> List[Tuple[s
             names = [group.baseline_run.name] if group.baseline_run else []
         else:
             names = [c.scope] if any(r.name == c.scope for r in group.runs) else []
-        values = [metric_value(runs.get(n), c.metric) for n in names]
-        results = [None if v is None else c.holds(v) for v in values]
+        values = {n: metric_value(runs.get(n), c.metric) for n in names}
+        results = [None if v is None else c.holds(v) for v in values.values()]
         if not results:
             result = None
         elif c.scope == "any":
             result = True if True in results else (False if None not in results else None)
         else:  # all, baseline, one run: every named run must hold
             result = False if False in results else (True if None not in results else None)
-        out.append((c.text, result))
+        out.append({"text": c.text, "result": result, "metric": c.metric,
+                    "measured": {n: v for n, v in values.items() if v is not None}})
     return out

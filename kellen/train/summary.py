@@ -20,15 +20,20 @@ _BOOKKEEPING = ("step", "time", "elapsed")
 def read_rows(path: str) -> List[Dict[str, Any]]:
     """All JSON-object lines of a metrics.jsonl; unparsable lines (a killed writer's torn last
     line) are skipped rather than failing the whole report."""
-    rows = []
     with open(path, "r", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
+        return parse_rows(f)
+
+
+def parse_rows(lines: Iterable[str]) -> List[Dict[str, Any]]:
+    """The JSON-object lines among `lines` (see read_rows); also for text fetched from gs://."""
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
