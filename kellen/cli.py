@@ -1,5 +1,5 @@
 """The `kellen` command: data, experiment groups (generate, list, guide), runs (batch, run, status),
-parity, import-torch."""
+results (results download, compare, diff), parity, import-torch."""
 from __future__ import annotations
 
 import argparse
@@ -35,13 +35,17 @@ def main(argv=None) -> int:
 
     add_data_parser(sub)
     # Experiment groups and runs; each module registers its own subcommands.
-    from kellen.experiments import generate, guide, run_experiment, run_experiment_batch, status_cli
+    from kellen.experiments import (compare, diff, generate, guide, results_download, run_experiment,
+                                    run_experiment_batch, status_cli)
 
     generate.add_parser(sub)  # generate, list
     guide.add_parser(sub)
     run_experiment_batch.add_parser(sub)  # batch
     run_experiment.add_parser(sub)  # run
     status_cli.add_parser(sub)  # status
+    results_download.add_parser(sub)  # results download
+    compare.add_parser(sub)
+    diff.add_parser(sub)
 
     p = sub.add_parser("parity", help="replay reference-TRM fixtures and check our outputs match")
     p.add_argument("fixtures", nargs="+", metavar="FIXTURE.npz")
