@@ -224,3 +224,13 @@ def test_unwritable_report_dir(group_tree, tmp_path, kellen_cmd):
                                         "--out", str(blocker / "sub")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "kellen compare: error:" in proc.stderr and blocker.read_text() == "keep me"
+
+
+def test_gcs_source_without_credentials_says_how_to_log_in(group_tree, tmp_path, kellen_cmd):
+    _, spec_dir, _ = group_tree
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "no-such-key.json")
+    proc = subprocess.run(kellen_cmd + ["compare", "exp95", "--spec-dir", str(spec_dir), "--from", "gs://kellen-private/runs",
+                                        "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "gcloud auth application-default login" in proc.stderr and "gs://kellen-private" in proc.stderr

@@ -84,8 +84,10 @@ def run_dirs(gdir: str) -> List[str]:
     """Run dir names under a group dir ("_"/"." dirs are bookkeeping, not runs)."""
     if gdir.startswith("gs://"):
         from kellen import gcs
+        from kellen.experiments.results_download import check_credentials
         from kellen.experiments.status import _gcs_unreachable
 
+        check_credentials([gcs.split_gcs(gdir)[0]])  # no credentials: say how to log in, not a 401
         why = _gcs_unreachable(gcs.split_gcs(gdir)[0])
         if why:
             raise OSError(f"cannot list {gdir}: {why}")

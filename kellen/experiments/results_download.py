@@ -66,7 +66,7 @@ def _patterns(runs_pattern: Optional[str]) -> List[str]:
     return [p.strip() for p in (runs_pattern or "").split(",") if p.strip()]
 
 
-def _check_credentials(buckets) -> None:
+def check_credentials(buckets) -> None:
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         return  # emulators are anonymous
     import google.auth
@@ -228,7 +228,7 @@ def download(group, dest: str = "results", with_checkpoints: bool = False, runs_
     sources = [(f"{root}/{g.id}", os.path.join(dest, g.id))]
     if with_checkpoints and g.storage_root and gcs.is_gcs(g.storage_root):
         sources.append((f"{g.storage_root.rstrip('/')}/checkpoints/{g.id}", os.path.join(dest, "checkpoints", g.id)))
-    _check_credentials([gcs.split_gcs(url)[0] for url, _ in sources])
+    check_credentials([gcs.split_gcs(url)[0] for url, _ in sources])
     for _, local in sources:
         _check_dest(os.path.abspath(local))
     jobs, runs = [], set()
