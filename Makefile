@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test faults bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Only the fault-injection scenarios (also part of `make test`); ends with their summary table.
+faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m fault tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/compile_time.py

@@ -93,3 +93,42 @@ def tiny_sudoku(tmp_path_factory):
 def compile_cache(tmp_path_factory):
     """One persistent compilation cache for the session's training subprocesses."""
     return str(tmp_path_factory.mktemp("jax-cache"))
+
+
+# --------------------------------------------------------------------------- fault-injection suite report
+# Tests marked @pytest.mark.fault(N, "what is checked") are the scenarios of the fault-injection suite
+# (`make faults` runs only them). At the end of any session that ran some, a table lists each
+# scenario, what was checked, the result and the time, and marks the slowest ones.
+SLOW_SCENARIO_SECONDS = 60.0
+_FAULT_RESULTS = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault(n, checked): scenario n of the fault-injection suite")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    marker = item.get_closest_marker("fault")
+    if marker is None:
+        return
+    if rep.when == "call" or (rep.when == "setup" and not rep.passed):
+        n, checked = marker.args[0], marker.args[1]
+        _FAULT_RESULTS.append((n, checked, item.name, rep.outcome, getattr(rep, "duration", 0.0)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FAULT_RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("fault-injection suite")
+    width = max(len(r[1]) for r in _FAULT_RESULTS)
+    tr.write_line(f"{'#':>3}  {'checked':<{width}}  {'result':<7}  {'time':>7}  test")
+    for n, checked, name, result, seconds in sorted(_FAULT_RESULTS, key=lambda r: (r[0], r[2])):
+        slow = "  (slow)" if seconds >= SLOW_SCENARIO_SECONDS else ""
+        tr.write_line(f"{n:>3}  {checked:<{width}}  {result:<7}  {seconds:6.1f}s  {name}{slow}")
+    passed = sum(r[3] == "passed" for r in _FAULT_RESULTS)
+    tr.write_line(f"{passed} of {len(_FAULT_RESULTS)} scenario checks passed, "
+                  f"{len({r[0] for r in _FAULT_RESULTS})} scenarios")

@@ -58,6 +58,7 @@ time.sleep(2.0)  # hold it while the others try
 """
 
 
+@pytest.mark.fault(7, "run leases: of racing processes exactly one wins")
 def test_processes_exactly_one_wins(tmp_path):
     run_dir = str(tmp_path / "run")
     code = HOLDER.format(repo=str(REPO), start=time.time() + 3.0, run_dir=run_dir)
@@ -111,6 +112,7 @@ def test_context_manager_raises_when_held(tmp_path):
     assert leases.read(run_dir) is None
 
 
+@pytest.mark.fault(7, "run leases on gs://: exactly one holder, stale ones taken over")
 def test_gcs_lease(gcs_prefix):
     run_dir = gcs_prefix + "g/run"
     won = race(run_dir, 4)

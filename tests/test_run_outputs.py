@@ -2,6 +2,7 @@
 an offline W&B run read back (group, name, id, config, history), the same W&B run continued after
 a preemption, a NaN loss failing the run with FAILED.txt, a W&B failure not stopping training,
 and no secret in any written file."""
+import pytest
 import csv
 import json
 import signal
@@ -27,6 +28,7 @@ def wandb_env(tmp_path, mode="offline", **extra):
     return clean_env(env)
 
 
+@pytest.mark.fault(10, "no secret in any file of a run dir, its W&B log included")
 def test_offline_run_writes_the_whole_record_and_no_secret(tmp_path, tiny_sudoku, compile_cache):
     creds = tmp_path / "sa.json"
     creds.write_text(json.dumps({"type": "service_account", "private_key_id": "0f1e2d3c4b5a69788796a5b4",
@@ -131,6 +133,7 @@ def test_preempted_run_continues_the_same_wandb_run(tmp_path, tiny_sudoku, compi
     assert json.loads((run / "summary.json").read_text())["steps"] == 16
 
 
+@pytest.mark.fault(5, "a diverging loss (lr=1e30) stops the run: failed, step, FAILED.txt")
 def test_nan_loss_stops_the_run_with_failed_txt(tmp_path, tiny_sudoku, compile_cache):
     proc = pretrain(*run_args(tiny_sudoku, tmp_path, compile_cache, "nan", "lr=1e30", "lr_warmup_steps=0"))
     assert proc.returncode == 1
