@@ -6,6 +6,14 @@ import argparse
 import sys
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (exit 2) instead of usage + error;
+    its subcommand parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def cmd_parity(args) -> int:
     from kellen.interop.parity import run_parity
 
@@ -28,7 +36,7 @@ def cmd_import_torch(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kellen", description=__doc__)
+    parser = ArgumentParser(prog="kellen", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     from kellen.data.cli import add_parser as add_data_parser

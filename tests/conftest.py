@@ -122,13 +122,25 @@ def pytest_runtest_makereport(item, call):
 def pytest_terminal_summary(terminalreporter):
     if not _FAULT_RESULTS:
         return
+    # One row per (scenario, check); parametrized cases are counted, their times summed.
+    rows = {}
+    for n, checked, name, result, seconds in _FAULT_RESULTS:
+        row = rows.setdefault((n, checked), {"passed": 0, "total": 0, "seconds": 0.0, "failed": []})
+        row["total"] += 1
+        row["seconds"] += seconds
+        if result == "passed":
+            row["passed"] += 1
+        else:
+            row["failed"].append(f"{name} {result}")
     tr = terminalreporter
     tr.section("fault-injection suite")
-    width = max(len(r[1]) for r in _FAULT_RESULTS)
-    tr.write_line(f"{'#':>3}  {'checked':<{width}}  {'result':<7}  {'time':>7}  test")
-    for n, checked, name, result, seconds in sorted(_FAULT_RESULTS, key=lambda r: (r[0], r[2])):
-        slow = "  (slow)" if seconds >= SLOW_SCENARIO_SECONDS else ""
-        tr.write_line(f"{n:>3}  {checked:<{width}}  {result:<7}  {seconds:6.1f}s  {name}{slow}")
-    passed = sum(r[3] == "passed" for r in _FAULT_RESULTS)
-    tr.write_line(f"{passed} of {len(_FAULT_RESULTS)} scenario checks passed, "
-                  f"{len({r[0] for r in _FAULT_RESULTS})} scenarios")
+    width = max(len(c) for _, c in rows)
+    tr.write_line(f"{'#':>3}  {'checked':<{width}}  {'result':<12}  {'time':>7}")
+    for (n, checked), r in sorted(rows.items(), key=lambda kv: kv[0][0]):
+        result = ("passed" if r["passed"] == r["total"] else "FAILED") + (f" {r['passed']}/{r['total']}" if r["total"] > 1 else "")
+        slow = "  (slow)" if r["seconds"] >= SLOW_SCENARIO_SECONDS else ""
+        tr.write_line(f"{n:>3}  {checked:<{width}}  {result:<12}  {r['seconds']:6.1f}s{slow}")
+        for f in r["failed"]:
+            tr.write_line(f"{'':>5}{f}")
+    ok = sum(r["passed"] == r["total"] for r in rows.values())
+    tr.write_line(f"{ok} of {len(rows)} checks passed, covering scenarios {sorted({n for n, _ in rows})}")

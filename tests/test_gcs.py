@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kellen import gcs
+from tree_helpers import read_tree as _read_tree
 
 # ----------------------------------------------------------------------------- helpers
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -33,16 +34,6 @@ def _make_tree(root):
         with open(path, "wb") as f:
             f.write(data)
     return files
-
-
-def _read_tree(root):
-    out = {}
-    for d, _dirs, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root).replace(os.sep, "/")] = f.read()
-    return out
 
 
 def _delete_all(url):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kellen import gcs
+from tree_helpers import read_tree
 from kellen.experiments import results_download as rd
 
 GROUP = "expdl"
@@ -40,16 +41,6 @@ STORED_CKPTS = {"expdl_a/1/x": _rng.bytes(900), "expdl_b/2/y": _rng.bytes(400)}
 
 def no_run_ckpts(files):
     return {k: v for k, v in files.items() if k.split("/")[1] != "checkpoints"}
-
-
-def read_tree(root):
-    out = {}
-    for d, _dirs, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root).replace(os.sep, "/")] = f.read()
-    return out
 
 
 def upload(url, files):

@@ -14,10 +14,15 @@ from kellen.data import build, format as fmt
 
 def _sources(args, tmp: str, kind: str):
     """(train.csv, test.csv) paths: given, found in a --csv directory, or generated into tmp/source."""
-    if args.csv and args.generate:
+    generate = args.generate is not None  # --generate 0 is a bad number, not a missing flag
+    if args.csv and generate:
         raise fmt.DataError("give one of --csv and --generate, not both")
-    if not args.csv and not args.generate:
+    if not args.csv and not generate:
         raise fmt.DataError("give --csv FILE|DIR or --generate N")
+    if generate and args.generate < 1:
+        raise fmt.DataError(f"--generate must be >= 1, got {args.generate}")
+    if args.test_generate is not None and args.test_generate < 1:
+        raise fmt.DataError(f"--test-generate must be >= 1, got {args.test_generate}")
     train = test = None
     for path in filter(None, (args.csv, args.test_csv)):
         if not os.path.exists(path):

@@ -1,12 +1,7 @@
 """Run a selection of configs one after another, each to completion, without prompts.
 
-Per run, from its status.json, checkpoints and lease (see `decide`):
-  completed                              skip (or --rerun: run afresh as <name>--rerunK)
-  running, fresh heartbeat / live lease  skip: running elsewhere
-  failed                                 skip (or --retry-failed: run/resume it again)
-  preempted, stale, or has checkpoints   resume from step N
-  missing config, data or bad config     blocked: why
-  otherwise                              run
+Per run, `kellen.experiments.plan.decide` says run, resume (from step N), skip (completed,
+running elsewhere, failed), wait (the trainer of a killed batch is still saving) or blocked.
 Runs go one at a time (each uses the whole pod) under a lease on their run dir, so two batch
 runners over the same selection train each run once. Exit codes: 0 completed, 75 preempted
 (retried up to --retries times, else left for the next batch to resume), others failed.
@@ -14,6 +9,12 @@ runners over the same selection train each run once. Exit codes: 0 completed, 75
 `<logs_dir>/<batch id>/batch_status.json` is replaced atomically after every change, so a killed
 batch loses nothing; `<run>.out|.err` beside it hold each run's console. SIGTERM/SIGINT/SIGHUP:
 the current run gets SIGTERM, saves, exits 75; the batch records it and exits 75.
+
+A batch killed outright (SIGKILL, OOM) cannot forward anything: its trainers are started with a
+parent-death signal (kellen.procs), so they get SIGTERM, save and exit 75 all the same. Its lease
+names the trainer; a batch started again on this machine takes the dead batch's lease over at
+once, waits for that trainer to exit (up to KELLEN_ORPHAN_WAIT_S, default 900 s) and resumes the
+run from its checkpoint, so two trainers never share a run dir.
 """
 from __future__ import annotations
 
@@ -26,123 +27,30 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from kellen import procs
 from kellen.experiments import lease as leases
 from kellen.experiments import runs
+from kellen.experiments.plan import (  # noqa: F401  (decide, plan_all, ... are used from here too)
+    STALE_AFTER_S, Plan, checkpoint_step, decide, missing_data, next_rerun, plan_all, run_status)
 from kellen.experiments.runs import RunError, RunTarget, Selection
 
-STALE_AFTER_S = 15 * 60.0  # as kellen.experiments.status: 15 min without a heartbeat is dead
 DEFAULT_LOGS_DIR = "runs/_batches"
+ORPHAN_WAIT_ENV = "KELLEN_ORPHAN_WAIT_S"
 
 
-@dataclass
-class Plan:
-    config: str
-    target: Optional[RunTarget]
-    decision: str  # run | resume | skip | blocked
-    detail: str = ""  # why (skip/blocked), or what (resume from step N)
-    resume_step: Optional[int] = None
-    run_state: Optional[str] = None  # the run's state when decided (kellen.experiments.status)
-
-    @property
-    def name(self) -> str:
-        return self.target.name if self.target else self.config
-
-    def describe(self) -> str:
-        if self.decision == "resume":
-            return f"resume from step {self.resume_step}" if self.resume_step is not None else "resume"
-        return f"{self.decision}: {self.detail}" if self.detail else self.decision
+def default_logs_dir(output_root: Optional[str]) -> str:
+    """<output root>/_batches for a local output root (nothing lands outside it), else runs/_batches."""
+    local = output_root and not output_root.startswith("gs://")
+    return runs.join_path(output_root, "_batches") if local else runs.join_path(DEFAULT_LOGS_DIR)
 
 
-def run_status(run_dir: str, stale_after_s: float) -> Dict[str, Any]:
-    from kellen.experiments.status import run_status as read_status
-
-    return read_status(run_dir, stale_after=stale_after_s)
-
-
-def decide(target: RunTarget, *, stale_after_s: float = STALE_AFTER_S, retry_failed: bool = False,
-           rerun: bool = False, config_dir: Optional[str] = None, output_root: Optional[str] = None,
-           ignore_lease_token: Optional[str] = None) -> Plan:
-    """What to do with one run now (see the module doc). Never raises on a bad record."""
-    status = run_status(target.run_dir, stale_after_s)
-    state = status["state"]
-    if state == "completed" and rerun:
-        return decide(next_rerun(target, stale_after_s, config_dir, output_root), stale_after_s=stale_after_s,
-                      retry_failed=retry_failed, config_dir=config_dir, output_root=output_root)
-    plan = Plan(target.config_name, target, "skip", run_state=state)
-    if state == "completed":
-        plan.detail = "completed"
-        return plan
-    lease = leases.read(target.run_dir)
-    ours = ignore_lease_token is not None and (lease or {}).get("owner", {}).get("token") == ignore_lease_token
-    if leases.is_live(lease) and not ours:
-        plan.detail = f"running elsewhere (lease held by {leases.describe(lease)})"
-        return plan
-    if state == "running":  # a live trainer without our lease (a manual run, an orphan): leave it
-        age = time.time() - (status.get("heartbeat_unix") or 0)
-        plan.detail = f"running elsewhere ({status.get('host')}, heartbeat {age:.0f}s ago)"
-        return plan
-    if state == "failed" and not retry_failed:
-        plan.detail = f"failed at step {status.get('step')} (see FAILED.txt; --retry-failed runs it again)"
-        return plan
-    if state == "unknown":
-        why = status.get("error") or "unreadable status.json"
-        return Plan(target.config_name, target, "blocked", why, run_state=state)
-    why = missing_data(target)
-    if why:
-        return Plan(target.config_name, target, "blocked", why, run_state=state)
-    step = checkpoint_step(target.checkpoint_dir)
-    if step is not None or state in ("preempted", "stale"):
-        return Plan(target.config_name, target, "resume", resume_step=step if step is not None else status.get("step"),
-                    run_state=state)
-    return Plan(target.config_name, target, "run", run_state=state)
-
-
-def checkpoint_step(checkpoint_dir: str) -> Optional[int]:
-    """The latest committed checkpoint step (Orbax renames `<step>` into place when committed)."""
-    steps = [int(n) for n in runs.list_dir(checkpoint_dir) if n.isdigit()]
-    return max(steps) if steps else None
-
-
-def missing_data(target: RunTarget) -> Optional[str]:
-    """Why the run's dataset prerequisite is not met, or None. A config with data_build builds a
-    missing local dataset itself, so only a missing gs:// set or one without a recipe blocks."""
-    if runs.exists(target.data_path):
-        return None
-    if target.data_build and not target.data_path.startswith("gs://"):
-        return None
-    return f"dataset {target.data_path} not found" + ("" if target.data_build else " (and no data_build)")
-
-
-def next_rerun(target: RunTarget, stale_after_s: float, config_dir: Optional[str],
-               output_root: Optional[str]) -> RunTarget:
-    """<name>--rerun1, --rerun2, ...: the first that is not completed (an interrupted rerun resumes)."""
-    base = target.name
-    for k in range(1, 1000):
-        candidate = runs.with_run_name(target, f"{base}--rerun{k}", config_dir=config_dir, output_root=output_root)
-        if run_status(candidate.run_dir, stale_after_s)["state"] != "completed":
-            return candidate
-    raise RunError(f"{base}: 999 reruns already")
-
-
-def plan_all(names: List[str], overrides: List[str], *, config_dir=None, output_root=None, validate=False,
-             **decide_kw) -> List[Plan]:
-    """A Plan per selected config. validate=True composes each config once through Hydra (dry run)
-    and reads the target from the composed values; a bad config is `blocked` with Hydra's error."""
-    plans = []
-    for name in names:
-        try:
-            target = runs.resolve(name, overrides, config_dir=config_dir, output_root=output_root)
-            if validate:
-                from omegaconf import OmegaConf
-
-                target = runs.with_values(target, OmegaConf.to_container(runs.compose(target), resolve=True))
-            plans.append(decide(target, config_dir=config_dir, output_root=output_root, **decide_kw))
-        except Exception as e:  # RunError, or storage trouble reading the record: report and go on
-            plans.append(Plan(name, None, "blocked", runs.one_line(e)))
-    return plans
+def orphan_wait_s() -> float:
+    try:
+        return max(float(os.environ.get(ORPHAN_WAIT_ENV) or 900.0), 0.0)
+    except ValueError:
+        return 900.0
 
 
 def table(header: List[str], rows: List[List[Any]]) -> str:
@@ -166,7 +74,9 @@ class BatchState:
     def __init__(self, path: str, batch_id: str, argv: List[str]):
         self.path = path
         self.lock = threading.Lock()
-        self.body: Dict[str, Any] = {"batch_id": batch_id, "argv": argv, "host": socket.gethostname(),
+        from kellen.train.redact import redact_obj
+
+        self.body: Dict[str, Any] = {"batch_id": batch_id, "argv": redact_obj(list(argv)), "host": socket.gethostname(),
                                      "pid": os.getpid(), "state": "running", "started": _now(), "ended": None,
                                      "exit_code": None, "runs": {}}
 
@@ -197,10 +107,10 @@ class StopRequested(KeyboardInterrupt):
 class BatchRunner:
     def __init__(self, plans: List[Plan], launcher, *, state: BatchState, logs_dir: str, retries: int = 0,
                  fail_fast: bool = False, decide_kw: Optional[Dict[str, Any]] = None,
-                 lease_expires_s: float = leases.DEFAULT_EXPIRES_S, out=sys.stdout):
+                 lease_expires_s: Optional[float] = None, out=None):
         self.plans, self.launcher, self.state, self.logs_dir = plans, launcher, state, logs_dir
         self.retries, self.fail_fast, self.decide_kw = retries, fail_fast, decide_kw or {}
-        self.lease_expires_s, self.out = lease_expires_s, out
+        self.lease_expires_s, self.out = lease_expires_s, out or sys.stdout  # sys.stdout as it is now
         self.stop_signal: Optional[int] = None
         self.launching = False
 
@@ -267,12 +177,32 @@ class BatchRunner:
             return self._not_launched(plan.name, Plan(plan.config, target, "skip", held))
         try:
             # Another runner may have finished it between planning and now: decide again.
-            fresh = decide(target, ignore_lease_token=lease.owner["token"], **self.decide_kw)
+            fresh = decide(target, ignore_lease_token=lease.owner["token"], replaced_lease=lease.took_over,
+                           **self.decide_kw)
+            if fresh.decision == "wait":
+                fresh = self._wait_for_trainer(fresh, lease)
             if fresh.decision in ("skip", "blocked"):
                 return self._not_launched(plan.name, fresh)
-            return self._launch_attempts(plan.name, fresh, lease.owner["token"])
+            return self._launch_attempts(plan.name, fresh, lease)
         finally:
             lease.release()
+
+    def _wait_for_trainer(self, plan: Plan, lease: leases.Lease) -> Plan:
+        """A killed batch's trainer still runs (it got SIGTERM and is saving): hold the lease, let it
+        exit, then decide again. If it outlives the wait (or we are stopped), skip the run."""
+        pid, limit = plan.trainer_pid, orphan_wait_s()
+        self.state.run(plan.name, state="waiting", detail=plan.describe())
+        self.say(f"{plan.name}: waiting up to {limit:.0f}s for trainer pid {pid} of a stopped batch to save and exit")
+        deadline = time.time() + limit
+        while procs.pid_alive(pid) and time.time() < deadline and self.stop_signal is None:
+            time.sleep(0.5)
+        fresh = decide(plan.target, ignore_lease_token=lease.owner["token"], replaced_lease=lease.took_over,
+                       **self.decide_kw)
+        if fresh.decision != "wait":
+            return fresh
+        why = "the batch was stopped" if self.stop_signal is not None else f"it did not exit within {limit:.0f}s"
+        return Plan(plan.config, plan.target, "skip", f"running elsewhere (trainer pid {fresh.trainer_pid}; {why})",
+                    run_state=fresh.run_state)
 
     def _not_launched(self, key: str, plan: Plan) -> str:
         """Record a skipped or blocked run, with where its record stands (for the final table)."""
@@ -288,8 +218,8 @@ class BatchRunner:
         self.say(f"{plan.name}: {plan.describe()}")
         return state
 
-    def _launch_attempts(self, key: str, plan: Plan, lease_token: str) -> str:
-        target = plan.target
+    def _launch_attempts(self, key: str, plan: Plan, lease: leases.Lease) -> str:
+        target, lease_token = plan.target, lease.owner["token"]
         if self.stop_signal is not None:
             self.state.run(key, state="not_run", detail="batch stopped before this run")
             return "not_run"
@@ -305,6 +235,8 @@ class BatchRunner:
             self.say(f"{target.name}: {plan.describe()} (attempt {attempt}; log {out_path})")
             try:
                 self.launching = True
+                if hasattr(self.launcher, "on_start"):  # the lease names the trainer (see the module doc)
+                    self.launcher.on_start = lambda pid: lease.note(trainer=procs.owner(pid))
                 code = self.launcher.launch(target, target.pretrain_argv(), runs.run_env(), out_path, err_path)
             except StopRequested:
                 code = None  # stopped before or hard during the launch
@@ -362,10 +294,11 @@ def run_batch(selection: Selection, launcher=None, *, dry_run: bool = False, ret
               output_root: Optional[str] = None, config_dir: Optional[str] = None,
               logs_dir: Optional[str] = None, state_path: Optional[str] = None,
               stale_after_s: float = STALE_AFTER_S, argv: Optional[List[str]] = None,
-              out=sys.stdout) -> int:
+              out=None) -> int:
     """Plan, print the plan, run (unless dry_run), print the final table; returns the exit code:
     0 all done or skipped; 1 a selected run failed (now or before) or was blocked; 75 interrupted or a
     run left preempted; 2 a bad selection. Dry runs compose each config through Hydra; 1 if any is blocked."""
+    out = out or sys.stdout
     try:
         names = runs.select(selection, config_dir)
         if not names:
@@ -383,7 +316,7 @@ def run_batch(selection: Selection, launcher=None, *, dry_run: bool = False, ret
         return 1 if any(p.decision == "blocked" for p in plans) else 0
     launcher = launcher or runs.LocalLauncher()
     batch_id = new_batch_id()
-    logs = os.path.join(os.path.abspath(logs_dir) if logs_dir else runs.join_path(DEFAULT_LOGS_DIR), batch_id)
+    logs = os.path.join(default_logs_dir(output_root) if not logs_dir else os.path.abspath(logs_dir), batch_id)
     state = BatchState(state_path or os.path.join(logs, "batch_status.json"), batch_id, list(argv or sys.argv))
     print(f"batch {batch_id}: {len(plans)} runs, launcher {getattr(launcher, 'name', '?')}, state {state.path}",
           file=out, flush=True)

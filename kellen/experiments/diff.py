@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make `kellen` importable from 
 
 from kellen.experiments import runs  # noqa: E402
 from kellen.experiments.runs import RunError  # noqa: E402
+from kellen.cli import ArgumentParser  # noqa: E402
 
 MISSING = "<missing>"
 IDENTITY = ("run_name", "group", "output_root", "checkpoint_path")
@@ -221,7 +222,7 @@ def cmd_diff(args) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="kellen")
+    parser = ArgumentParser(prog="kellen")
     add_parser(parser.add_subparsers(dest="command", required=True))
     ns = parser.parse_args(["diff", *sys.argv[1:]])  # `python diff.py A B` means `kellen diff A B`
     sys.exit(ns.fn(ns))

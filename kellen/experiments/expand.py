@@ -18,7 +18,7 @@ import os
 import typing
 from typing import Any, Dict, List, Optional, Tuple
 
-from kellen.experiments.spec import NAME_RE, GroupSpec, Problems, RunSpec, deep_merge
+from kellen.experiments.spec import NAME_RE, GroupSpec, Problems, RunSpec, deep_merge, name_problem
 from kellen.train.config import PretrainConfig
 
 # ------------------------------------------------------------------------------- schema checks
@@ -428,8 +428,8 @@ def _names(add, gid: str, names: Optional[list], entries: List[dict]) -> List[st
             if names and e["name"] != names[i]:
                 add(f"variables.runs[{e['index']}].name", f"{e['name']!r} but names[{i}] is {names[i]!r}")
             name, key = str(e["name"]), f"variables.runs[{e['index']}].name"
-        if not NAME_RE.match(name):
-            add(key, f"run name {name!r} has characters outside [A-Za-z0-9_.-]")
+        if name_problem(name) and not (key == "id" and name_problem(gid)):  # a bad id is reported once
+            add(key, f"run name {name!r} {name_problem(name)}")
         elif name in out:
             add(key, f"run name {name!r} appears twice")
         out.append(name)

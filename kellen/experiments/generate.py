@@ -19,7 +19,6 @@ changes, 2 errors (one line each on stderr).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from kellen.experiments.spec import (MAPPING_SUFFIX, GroupSpec, Problems, SpecError, display_path,
-                                     find_spec_dir, load_many, spec_files)
+                                     find_spec_dir, load_many, name_problem, spec_files)
 
 GENERATED = "# Generated from "
 CONTENT = "# content-sha256: "
@@ -229,6 +228,9 @@ def _load(group_ids: Optional[Sequence[str]], spec_dir: str) -> Dict[str, GroupS
             raise SpecError(f"{display_path(spec_dir)}: no such spec folder")
         paths = spec_files(spec_dir)
     else:
+        for g in group_ids:  # a group id is a file name in spec_dir, never a path out of it
+            if name_problem(g):
+                raise SpecError(f"invalid group id {g!r}: it {name_problem(g)}")
         paths = [os.path.join(spec_dir, g + ".yaml") for g in group_ids]
         for p in paths:
             if not os.path.isfile(p) or os.path.basename(p).startswith("_"):
@@ -387,7 +389,9 @@ def add_parser(sub) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="kellen", description=__doc__.split("\n")[0])
+    from kellen.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="kellen", description=__doc__.split("\n")[0])
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.fn(args)

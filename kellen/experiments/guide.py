@@ -19,6 +19,7 @@ import re
 import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
+from kellen.cli import ArgumentParser
 from kellen.experiments.status import check_criteria, group_status, overall_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # parent of kellen/
@@ -341,7 +342,7 @@ def cmd_guide(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="kellen guide", description=__doc__,
+    parser = ArgumentParser(prog="kellen guide", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _configure(parser)
     try:

@@ -1,7 +1,8 @@
 """A run lease: `<run dir>/lease.json` says which runner owns a run right now, so two batch runners
 (two tmux windows, two machines) never train the same run at once.
 
-    {"owner": {"host", "pid", "token"}, "heartbeat_unix", "expires_after_s", "acquired_unix"}
+    {"owner": {"host", "pid", "token", "machine", "start"}, "heartbeat_unix", "expires_after_s",
+     "acquired_unix"[, "trainer": {"machine", "pid", "start"}]}
 
 - Acquire is create-if-absent. Local disk: the body is written to a temp file and hard-linked
   to lease.json (link fails if it exists, so the file is never seen half-written), all under a
@@ -11,7 +12,10 @@
   two writers can both "succeed" and the later upload wins, so the loser learns it on re-read
   after a short settle delay. With real GCS the precondition alone is exact.
 - A lease whose heartbeat is older than its `expires_after_s` is stale (its runner died) and may
-  be taken over; the takeover is logged. On gs:// the takeover is conditional on the stale
+  be taken over; the takeover is logged. So is one whose owner ran on this machine (same boot id
+  and pid namespace, `kellen.procs.machine_id`) and whose pid is gone: a killed batch's lease is
+  taken over at once on the same machine, elsewhere after the expiry. The expiry defaults to
+  300 s; `KELLEN_LEASE_EXPIRES_S` sets another (read when a Lease is made). On gs:// the takeover is conditional on the stale
   object's generation, so two runners cannot both take it.
 - While held, a daemon thread refreshes the heartbeat every `refresh_every_s`; if it finds
   someone else's token there the lease was lost (`lost` is set, the owner is logged).
@@ -32,16 +36,29 @@ import time
 import uuid
 from typing import Any, Dict, Optional
 
+from kellen import procs
+
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "lease.json"
 DEFAULT_EXPIRES_S = 300.0  # a runner that has not refreshed for 5 minutes is presumed dead
+EXPIRES_ENV = "KELLEN_LEASE_EXPIRES_S"  # overrides DEFAULT_EXPIRES_S (seconds)
+
+
+def default_expires_s() -> float:
+    try:
+        value = float(os.environ.get(EXPIRES_ENV) or DEFAULT_EXPIRES_S)
+    except ValueError:
+        log.warning("ignoring %s=%r: not a number of seconds", EXPIRES_ENV, os.environ.get(EXPIRES_ENV))
+        return DEFAULT_EXPIRES_S
+    return value if value > 0 else DEFAULT_EXPIRES_S
 GCS_SETTLE_S = 0.5  # wait before reading back a gs:// lease (emulators without preconditions)
 
 
 def is_live(body: Optional[Dict[str, Any]], now: Optional[float] = None) -> bool:
-    """True when a lease body is held and its heartbeat is within its expiry."""
-    if not isinstance(body, dict):
+    """True when a lease body is held, its heartbeat is within its expiry and its owner is not a
+    process of this machine that has died."""
+    if not isinstance(body, dict) or procs.local_owner_dead(body.get("owner")):
         return False
     try:
         age = (time.time() if now is None else now) - float(body["heartbeat_unix"])
@@ -66,15 +83,17 @@ def read(run_dir: str) -> Optional[Dict[str, Any]]:
 
 
 class Lease:
-    def __init__(self, run_dir: str, expires_after_s: float = DEFAULT_EXPIRES_S,
+    def __init__(self, run_dir: str, expires_after_s: Optional[float] = None,
                  refresh_every_s: Optional[float] = None):
         self.run_dir = run_dir.rstrip("/")
         self.path = _path(self.run_dir)
         self.remote = self.run_dir.startswith("gs://")
-        self.expires_after_s = float(expires_after_s)
+        self.expires_after_s = float(expires_after_s or default_expires_s())
         self.refresh_every_s = refresh_every_s or max(self.expires_after_s / 5, 0.05)
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+        self.owner = {"host": socket.gethostname(), "token": uuid.uuid4().hex, **procs.owner()}
+        self.extra: Dict[str, Any] = {}  # more fields of the body, e.g. the trainer it started (note())
         self.held = False
+        self.took_over: Optional[Dict[str, Any]] = None  # after acquire(): the stale lease replaced, if any
         self.lost = False  # set by the refresh thread if someone else's lease replaced ours
         self.holder: Optional[Dict[str, Any]] = None  # after a failed acquire: the live lease in the way
         self._stop = threading.Event()
@@ -86,7 +105,7 @@ class Lease:
         """Take the lease (creating it, or taking over a stale one); False if someone holds it."""
         if self.held:
             return True
-        self._acquired_unix = time.time()
+        self._acquired_unix, self.took_over = time.time(), None
         ok = self._gcs_acquire() if self.remote else self._local_acquire()
         if ok:
             self.held, self.lost = True, False
@@ -119,8 +138,18 @@ class Lease:
         self.release()
 
     # ------------------------------------------------------------------ common
+    def note(self, **fields: Any) -> None:
+        """Add fields to the lease body and write it now (e.g. trainer=procs.owner(pid): a runner
+        that finds this lease after we died can tell whether our trainer still runs)."""
+        self.extra.update(fields)
+        if self.held:
+            try:
+                self._gcs_refresh() if self.remote else self._local_refresh()
+            except Exception as e:  # the next refresh writes it
+                log.warning("lease update of %s failed: %s", self.path, e)
+
     def _body(self) -> Dict[str, Any]:
-        return {"owner": self.owner, "heartbeat_unix": round(time.time(), 3),
+        return {**self.extra, "owner": self.owner, "heartbeat_unix": round(time.time(), 3),
                 "expires_after_s": self.expires_after_s, "acquired_unix": round(self._acquired_unix, 3)}
 
     def _ours(self, body: Optional[Dict[str, Any]]) -> bool:
@@ -139,9 +168,11 @@ class Lease:
                 return
 
     def _taking_over(self, body: Optional[Dict[str, Any]]) -> None:
+        self.took_over = body
         if body is not None:
-            log.warning("taking over the stale lease on %s from %s (heartbeat %.0f s ago)", self.run_dir,
-                        describe(body), time.time() - float(body.get("heartbeat_unix", 0) or 0))
+            gone = ", its process is gone" if procs.local_owner_dead(body.get("owner")) else ""
+            log.warning("taking over the stale lease on %s from %s (heartbeat %.0f s ago%s)", self.run_dir,
+                        describe(body), time.time() - float(body.get("heartbeat_unix", 0) or 0), gone)
 
     # ------------------------------------------------------------------ local disk
     @contextlib.contextmanager

@@ -9,21 +9,24 @@
 Overrides make a distinct run (`<name>--key=value`), so they never resume or overwrite the
 canonical run. The same command again resumes a preempted run and skips a completed one
 (--rerun starts it afresh as <name>--rerunK). It is a batch of one: the run's console is shown
-and also kept in runs/_batches/<batch id>/. Exit code: 0 completed (or already done), 75 preempted
-or interrupted, 1 failed or blocked, 2 bad arguments.
+and also kept in <output root>/_batches/<batch id>/. Exit code: 0 completed (or already done), 75 preempted
+or interrupted, 1 failed or blocked, 2 bad arguments (a missing config, overrides
+that do not compose: one line on stderr, nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 if __package__ in (None, ""):  # run as a script: make `kellen` importable from the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from kellen.experiments.run_experiment_batch import (  # noqa: E402
-    add_common, make_launcher, normalise_roots, tmux_relaunch)
+    add_common, check_overrides, make_launcher, normalise_roots, tmux_relaunch)
 from kellen.experiments.runs import RunError, Selection  # noqa: E402
+from kellen.experiments.run_experiment_batch import Parser  # noqa: E402
 
 PROG = "run_experiment.py"
 
@@ -55,7 +58,7 @@ def show_config(name: str, overrides, args) -> int:
     print(OmegaConf.to_yaml(cfg, resolve=True).rstrip())
     print(f"# run {target.name} (group {target.group})")
     print(f"# run dir {target.run_dir}")
-    print(f"# command: python pretrain_jax.py {' '.join(target.pretrain_argv())}")
+    print(f"# command: {shlex.join(['python', 'pretrain_jax.py', *target.pretrain_argv()])}")
     plan = batch.decide(target, stale_after_s=args.stale_after, retry_failed=args.retry_failed, rerun=args.rerun,
                         config_dir=args.config_dir, output_root=args.output_root)
     print(f"# plan: {plan.describe()}")
@@ -71,6 +74,8 @@ def run_args(args, argv: list, prog: str = PROG) -> int:
         overrides = [runs.check_override(o) for o in args.overrides]
         if args.dry_run:
             return show_config(args.name, overrides, args)
+        runs.resolve(args.name, [], config_dir=args.config_dir)  # a missing config is a bad argument
+        check_overrides([args.name], overrides, args.config_dir, args.output_root)
         if args.tmux is not None:
             return tmux_relaunch(args, argv, __file__, args.name)
         launcher = make_launcher(args, echo=True)
@@ -85,9 +90,9 @@ def run_args(args, argv: list, prog: str = PROG) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run_args(p.parse_args(argv), argv)
+    return run_args(p.parse_intermixed_args(argv), argv)  # overrides may follow the options too
 
 
 if __name__ == "__main__":

@@ -13,6 +13,14 @@ each such variant is its own run (`exp03_a--epochs=10000`). Re-running the same 
 the completed runs, resumes the preempted ones and retries nothing else (--retry-failed does).
 Exit code: 0 all done/skipped, 1 a selected run failed (in this batch or an earlier one) or is
 blocked, 75 interrupted or a run left preempted, 2 bad arguments.
+
+Refused before anything runs (exit 2): names and patterns outside [A-Za-z0-9_.-] (and globs),
+run_name/group overrides that are not plain names, '..' in output_root/checkpoint_path/
+load_checkpoint, hydra.* overrides, and overrides carrying a credential (secrets go by environment).
+A batch killed outright leaves its trainer to save and exit 75 (parent-death signal); started
+again on the same machine it takes the dead batch's lease over at once and waits for that trainer
+(KELLEN_ORPHAN_WAIT_S, default 900) before resuming. KELLEN_LEASE_EXPIRES_S (default 300): after
+how long without a heartbeat another machine's lease counts as dead.
 """
 from __future__ import annotations
 
@@ -24,8 +32,18 @@ if __package__ in (None, ""):  # run as a script: make `kellen` importable from 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from kellen.experiments.runs import RunError, Selection, check_name  # noqa: E402
+from kellen.cli import ArgumentParser  # noqa: E402
 
 PROG = "run_experiment_batch.py"
+
+
+class Parser(ArgumentParser):
+    """kellen.cli's one-line usage errors, redacted: they quote the words given, which may hold a secret."""
+
+    def error(self, message):
+        from kellen.train.redact import redact
+
+        super().error(redact(message))
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -36,7 +54,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="run records under ROOT (local or gs://); passed as output_root=")
     p.add_argument("--config-dir", metavar="DIR", help="look up configs in DIR first (as pretrain_jax.py --config-dir)")
     p.add_argument("--logs-dir", metavar="DIR", help="batch logs and batch_status.json under DIR/<batch id>/ "
-                                                     "(default runs/_batches)")
+                                                     "(default <output root>/_batches, or runs/_batches)")
     p.add_argument("--retries", type=int, default=0, metavar="N",
                    help="resume a run preempted during this batch up to N times (default 0: the next batch does)")
     p.add_argument("--rerun", action="store_true",
@@ -124,6 +142,27 @@ def normalise_roots(args) -> None:
         args.output_root = os.path.abspath(args.output_root)
 
 
+def check_overrides(names: list, overrides: list, config_dir, output_root) -> None:
+    """Bad overrides are a bad command line: compose each selected config with them through Hydra
+    and raise RunError naming the key before anything is planned or written. A config that does
+    not compose without them either is left to the plan, which reports it as blocked."""
+    from kellen.experiments import runs
+
+    if not overrides:
+        return
+    for name in names:
+        if runs.config_file(name, config_dir) is None:
+            continue
+        try:
+            runs.compose(runs.resolve(name, overrides, config_dir=config_dir, output_root=output_root))
+        except RunError as e:
+            try:
+                runs.compose(runs.resolve(name, [], config_dir=config_dir, output_root=output_root))
+            except RunError:
+                continue
+            raise RunError(f"{name} with {' '.join(overrides)}: {e}") from None
+
+
 def run_args(args, argv: list, prog: str = PROG) -> int:
     from kellen.experiments import batch, runs
 
@@ -138,6 +177,12 @@ def run_args(args, argv: list, prog: str = PROG) -> int:
             return 0
         if selection.empty:
             raise RunError("select runs with --pattern, --regex or names (--list shows them)")
+        selected = runs.select(selection, args.config_dir)
+        if not selected:
+            where = os.path.abspath(args.config_dir) if args.config_dir else runs.REPO_CONFIGS
+            what = " or ".join([f"--pattern {p!r}" for p in args.pattern] + [f"--regex {r!r}" for r in args.regex])
+            raise RunError(f"{what} matches no config in {where}")
+        check_overrides(selected, selection.overrides, args.config_dir, args.output_root)
         if args.tmux is not None and not args.dry_run:  # a dry run just prints, here
             runs.select(selection, args.config_dir)  # refuse bad names before tmux sees them
             return tmux_relaunch(args, argv, __file__, "-".join(args.pattern + names + args.regex)[:40])
@@ -153,9 +198,9 @@ def run_args(args, argv: list, prog: str = PROG) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    return run_args(p.parse_args(argv), argv)
+    return run_args(p.parse_intermixed_args(argv), argv)  # overrides may follow the options too
 
 
 if __name__ == "__main__":

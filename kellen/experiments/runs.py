@@ -11,25 +11,22 @@ resolved from the YAML alone, the same way pretrain_jax.py names its run dir:
 so `exp03_a epochs=10000` is the run `exp03_a--epochs=10000` and never touches `exp03_a`. Names
 that reach a path, argv or a tmux command are limited to [A-Za-z0-9_.-]; others are refused.
 
-Launchers run `python pretrain_jax.py <argv>` to completion and return its exit code:
-0 completed, 75 preempted (resumable), 2 bad config/data, anything else failed.
+Launchers (kellen.experiments.local_launcher, .launchers) run `python pretrain_jax.py <argv>` to
+completion and return its exit code: 0 completed, 75 preempted (resumable), 2 bad config/data,
+anything else failed.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import signal
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol
+from typing import Any, Dict, List, Optional
 
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PRETRAIN = os.path.join(REPO, "pretrain_jax.py")
+# Launchers live in kellen.experiments.local_launcher; these names are kept here for callers.
+from kellen.experiments.local_launcher import PRETRAIN, REPO, Launcher, LocalLauncher, run_env  # noqa: F401
+
 REPO_CONFIGS = os.path.join(REPO, "configs")
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
@@ -58,10 +55,35 @@ def check_pattern(pattern: str) -> str:
     return pattern
 
 
+_NAME_KEYS = ("run_name", "group")  # values that become a path component of the run dir
+_PATH_KEYS = ("output_root", "checkpoint_path", "load_checkpoint")  # where a run writes or reads its state
+
+
 def check_override(override: str) -> str:
-    """key=value / +key=value / ~key: Hydra parses the value; argv lists mean no shell sees it."""
+    """key=value / +key=value / ~key: Hydra parses the value; argv lists mean no shell sees it.
+    Refused besides: hydra.* (Hydra would write its own files where they say), `..` in a key or
+    in a path value (output_root, checkpoint_path, load_checkpoint), a run_name or group that is
+    not a plain name, and any credential (a secret from the environment, user:password@ or
+    ?token= in a URL): secrets travel by environment only, never on a command line."""
     if not _OVERRIDE.fullmatch(override) or "\n" in override or "\0" in override:
         raise RunError(f"invalid override {override!r}: expected key=value (keys: letters, digits, '_', '.')")
+    from kellen.train.redact import redact
+
+    key, eq, value = override.lstrip("+~").partition("=")
+    if redact(value) != value:
+        raise RunError(f"invalid override {key}=<redacted>: it carries a credential; pass secrets by "
+                       "environment variables, never on the command line")
+    if key.split(".")[0].split("/")[0] == "hydra":
+        raise RunError(f"invalid override {override!r}: Hydra's own settings are fixed by the runner")
+    if ".." in key:
+        raise RunError(f"invalid override {override!r}: '..' in the key")
+    parsed = override_values([override]).get(key) if eq else None
+    if key in _NAME_KEYS and parsed is not None and (
+            not re.fullmatch(r"[A-Za-z0-9_.=+-]+", str(parsed)) or str(parsed).startswith(".")):
+        raise RunError(f"invalid override {override!r}: {key} must be letters, digits, '_', '.', '-', '=', '+' "
+                       "(not starting with '.')")
+    if key in _PATH_KEYS and isinstance(parsed, str) and ".." in parsed.replace("\\", "/").split("/"):
+        raise RunError(f"invalid override {override!r}: '..' in {key} (give the path without it)")
     return override
 
 
@@ -241,99 +263,6 @@ def one_line(e: BaseException) -> str:
     if e.__cause__ is not None and str(e.__cause__).strip():
         lines.append(str(e.__cause__).strip().splitlines()[0])
     return ": ".join(dict.fromkeys(lines))[:400] or type(e).__name__
-
-
-# --------------------------------------------------------------------------- launchers
-class Launcher(Protocol):
-    """Runs one training run to completion. Contract for every launcher (local, tmux, TPU VM):
-
-    - launch() blocks until the run's process(es) exit and returns the exit code of
-      `python pretrain_jax.py <argv>` (for a pod: process 0's, or the first non-zero one):
-      0 completed, 75 preempted/resumable, 2 bad config/data, anything else failed;
-    - `env` is the whole environment to give the run; stdout/stderr go to the two files;
-    - a KeyboardInterrupt raised in the calling thread while it waits (Ctrl-C, or the batch
-      runner's SIGTERM handler) must stop the run gracefully: send SIGTERM to the run (it
-      saves and exits 75), keep waiting, and return that exit code; a second KeyboardInterrupt
-      kills the run's process group and re-raises. Nothing may be left running.
-    """
-    name: str
-
-    def launch(self, target: RunTarget, argv: List[str], env: Dict[str, str], stdout_path: str,
-               stderr_path: str) -> int: ...
-
-
-class LocalLauncher:
-    """`python pretrain_jax.py` as a subprocess of this host: an argument list (no shell), cwd =
-    the repo root, its own session so a terminal's Ctrl-C reaches only us and we decide."""
-    name = "local"
-
-    def __init__(self, echo: bool = False, python: Optional[str] = None, grace_s: float = 900.0):
-        self.echo = echo  # also copy the run's output to our stdout/stderr (single runs)
-        self.python = python or sys.executable
-        self.grace_s = grace_s  # after forwarding SIGTERM: how long to wait for the save before SIGKILL
-
-    def launch(self, target: RunTarget, argv: List[str], env: Dict[str, str], stdout_path: str,
-               stderr_path: str) -> int:
-        for p in (stdout_path, stderr_path):
-            os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-        with open(stdout_path, "ab") as out, open(stderr_path, "ab") as err:
-            pipe = subprocess.PIPE if self.echo else None
-            proc = subprocess.Popen([self.python, PRETRAIN, *argv], cwd=REPO, env=dict(env),
-                                    stdout=pipe or out, stderr=pipe or err, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-            copiers = [] if not self.echo else [
-                threading.Thread(target=_tee, args=(proc.stdout, out, sys.stdout), daemon=True),
-                threading.Thread(target=_tee, args=(proc.stderr, err, sys.stderr), daemon=True)]
-            for t in copiers:
-                t.start()
-            try:
-                code = self._wait(proc)
-            finally:
-                for t in copiers:
-                    t.join(timeout=10)
-        return code
-
-    def _wait(self, proc: subprocess.Popen) -> int:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            _signal_group(proc, signal.SIGTERM)  # the run saves at its next step and exits 75
-            try:
-                return proc.wait(timeout=self.grace_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                return proc.wait()
-            except KeyboardInterrupt:  # asked twice: do not wait for the save
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
-                raise
-        except BaseException:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
-            raise
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # start_new_session made the child its group's leader
-        os.killpg(proc.pid, sig)
-
-
-def _tee(src, file, console) -> None:
-    for chunk in iter(lambda: src.read1(65536) if hasattr(src, "read1") else src.read(65536), b""):
-        file.write(chunk)
-        file.flush()
-        try:
-            console.buffer.write(chunk)
-            console.flush()
-        except (AttributeError, ValueError, OSError):
-            pass
-
-
-def run_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment a run gets: ours, explicitly copied (so launchers never read os.environ)."""
-    env = dict(os.environ)
-    env.update(extra or {})
-    return env
 
 
 # --------------------------------------------------------------------------- selection and state on disk

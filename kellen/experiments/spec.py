@@ -72,6 +72,14 @@ import yaml
 from kellen.model.config import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def name_problem(name: Any) -> Optional[str]:
+    """Why `name` cannot be a group id or run name (it becomes a file name, a path component and
+    an argv word), or None. The batch runner refuses the same names (kellen.experiments.runs)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        return "has characters outside [A-Za-z0-9_.-]"
+    return "starts with '.'" if name.startswith(".") else None
 MAPPING_SUFFIX = ".run_mapping"
 
 
@@ -365,8 +373,8 @@ def _load(path: str, spec_dir: Optional[str], problems: Problems) -> Optional[Gr
     if not gid:
         problems.add(path, "id", f"missing (the file's stem: id: {stem})")
         gid = stem
-    elif not NAME_RE.match(gid):
-        problems.add(path, "id", f"{gid!r} has characters outside [A-Za-z0-9_.-]")
+    elif name_problem(gid):
+        problems.add(path, "id", f"{gid!r} {name_problem(gid)}")
     elif gid != stem:
         problems.add(path, "id", f"{gid!r} is not the file's stem {stem!r}")
     merged = _merged(chain)

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `kellen` importable from 
 
 from kellen.experiments import runs  # noqa: E402
 from kellen.experiments.runs import RunError  # noqa: E402
+from kellen.cli import ArgumentParser  # noqa: E402
 
 STALE_AFTER_S = 15 * 60.0
 SKIP_DIRS = ("_batches",)  # under the output root but not groups
@@ -166,7 +167,7 @@ def run_args(args) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="kellen status", description=__doc__,
+    p = ArgumentParser(prog="kellen status", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     return run_args(p.parse_args(argv))

@@ -25,8 +25,11 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if path.endswith(".npz"):
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable .npz ({' '.join(str(e).split())})") from None
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: neither an .npz nor a torch.save zip archive")
     try:
@@ -108,6 +111,8 @@ def load_weights(out_dir: str) -> Tuple[TRMConfig, Dict[str, Any]]:
 
 
 def import_torch(ckpt: str, out_dir: str, overrides: Optional[Mapping[str, Any]] = None) -> TRMConfig:
+    if os.path.exists(out_dir):  # refused before the conversion too (save_weights checks again)
+        raise FileExistsError(f"{os.path.abspath(out_dir)}: already exists; refusing to overwrite")
     state = load_state_dict(ckpt)
     cfg = resolve_config(state, overrides or {})
     weights = torch_to_weights(state, cfg, source=ckpt)

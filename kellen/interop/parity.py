@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -167,15 +169,42 @@ def replay(cfg: TRMConfig, weights, batches, record) -> Dict[str, Dict[str, np.n
     return results
 
 
+class Fixture(dict):
+    """A fixture's arrays by name; a missing one is a ValueError naming the file and the array."""
+
+    def __init__(self, path: str, arrays: dict):
+        super().__init__(arrays)
+        self.path = path
+
+    def __missing__(self, key):
+        raise ValueError(f"{self.path}: missing array {key!r}")
+
+
+def load_fixture(path: str) -> Fixture:
+    """The fixture's arrays; a missing, unreadable or non-.npz file raises naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such fixture")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Fixture(path, {k: z[k] for k in z.files})
+    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable fixture .npz ({' '.join(str(e).split())})") from None
+
+
 def run_parity(path: str) -> ParityReport:
     """Replay every train and eval step of the fixture at `path`; see module docstring."""
-    fx = dict(np.load(path))
-    meta = json.loads(str(fx["meta_json"]))
-    cfg = config_from_meta(meta)
+    fx = load_fixture(path)
+    try:
+        meta = json.loads(str(fx["meta_json"]))
+        cfg, steps = config_from_meta(meta), meta["steps"]
+    except KeyError as e:
+        raise ValueError(f"{path}: meta_json has no key {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: meta_json is not JSON ({e})") from None
     state = {k[len("param/"):]: v for k, v in fx.items() if k.startswith("param/")}
     weights = torch_to_weights(state, cfg, source=path)
     batches = [{k: jnp.asarray(fx[f"batch{t}/{k}"]) for k in ("inputs", "labels", "puzzle_identifiers")}
-               for t in range(meta["steps"])]
+               for t in range(steps)]
     record = {k.rsplit("/", 1)[0] for k in fx if k.endswith("/loss")}
 
     with jax.default_matmul_precision("highest"):  # TPUs default to bf16 passes for f32 matmuls

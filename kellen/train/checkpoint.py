@@ -4,13 +4,17 @@ A checkpoint holds the train state (params, optimizer state, puzzle table, EMA, 
 the run's RNG key as raw key data, and JSON metadata (config identity, data position, versions).
 Saves are async; the loop only blocks to hand the arrays over. Orbax commits a step by renaming
 its temporary directory, so a half-written step is never listed and restore takes the latest
-committed one. Background save errors are raised in the loop, never swallowed.
+committed one. A background save's error is raised in the loop at the first step after it
+finished (or at the next save or wait), as CheckpointSaveError naming the step, the directory and
+the cause (e.g. "No space left on device (ENOSPC)"); never swallowed, never retried.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import signal
 from typing import Any, Dict, Optional
 
@@ -68,6 +72,31 @@ def unflatten(flat: Dict[str, Any], like):
     return jax.tree_util.tree_unflatten(treedef, [flat[_key_name(p)] for p, _ in paths])
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission, storage gone): the run stops,
+    failed; the checkpoints committed before stay as they were."""
+
+    def __init__(self, step: int, directory: str, cause: BaseException):
+        super().__init__(f"checkpoint save of step {step} to {directory} failed: {error_reason(cause)}")
+        self.step, self.directory = step, directory
+
+
+def error_reason(e: BaseException) -> str:
+    """One line for a storage error: the OS error by name when there is one (an OSError anywhere in
+    the chain, or tensorstore's "[os_error_code='28']"), else the error's first line."""
+    seen, code = e, None
+    while seen is not None and code is None:
+        code = seen.errno if isinstance(seen, OSError) and seen.errno else None
+        if code is None:
+            m = re.search(r"os_error_code='?(\d+)", str(seen))
+            code = int(m.group(1)) if m else None
+        seen = seen.__cause__ or seen.__context__
+    if code is not None:
+        return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 class Checkpointer:
     def __init__(self, directory: str, every_steps: Optional[int], keep: int):
         save_policies = [policies.PreemptionCheckpointingPolicy()]  # keep Orbax's preemption save
@@ -84,20 +113,46 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         )
-        self.directory = directory
+        self.directory, self.every_steps = directory, every_steps
         self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+        self.pending: Optional[int] = None  # the step of the async save in flight
+        # Look at a finished save every step only in one process: processes would see it finish at
+        # different steps; with several, errors surface at the next save or wait, where all meet.
+        self.poll = jax.process_count() == 1
+        self.failed = False  # a save failed (and was raised); close() then lets the run's error stand
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
     def save(self, step: int, state, rng_data, meta: Dict[str, Any], metrics: Optional[Dict[str, float]] = None,
              force: bool = False) -> bool:
-        """Start an async save (if the policy or `force` says so); raises a previous save's error."""
-        self.manager.check_for_errors()
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"train": flatten(state), "rng": rng_data}),
-            meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+        """Start an async save (if the policy or `force` says so); raises CheckpointSaveError for a
+        previous save that failed, as soon as it has finished."""
+        self._settle(block=force or bool(self.every_steps and step % self.every_steps == 0))
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"train": flatten(state), "rng": rng_data}),
+                meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+        except Exception as e:  # Orbax waits for a save still in flight first: then it is that one's error
+            raise self._failure(self.pending if self.pending is not None else step, e) from e
+        if saved:
+            self.pending = step
         return saved
+
+    def _settle(self, block: bool) -> None:
+        """Raise the in-flight save's error once it has finished (block: wait for it)."""
+        if self.pending is None or (not block and (not self.poll or self.manager.is_saving_in_progress())):
+            return
+        step, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failure(step, e) from e
+
+    def _failure(self, step: int, e: BaseException) -> CheckpointSaveError:
+        self.failed = True
+        return CheckpointSaveError(step, self.directory, e)
 
     def restore(self, step: int, abstract_state, abstract_rng):
         """Restore onto the shardings in the abstract targets (any mesh or device count)."""
@@ -107,12 +162,17 @@ class Checkpointer:
         return unflatten(out.state["train"], abstract_state), out.state["rng"], out.meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.check_for_errors()
+        self._settle(block=True)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        raised = self.failed
+        try:
+            self._settle(block=True)
+            self.manager.close()
+        except Exception:
+            if not raised:  # a save error not raised before: raise it now
+                raise
+            # else it was raised already and is what the run reports; Orbax re-raises it on close
 
 
 def abstract_like(tree, shardings):

@@ -60,6 +60,8 @@ class DistributedConfig:
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
     cpu_devices_per_process: Optional[int] = None  # CPU only: local devices per process
+    heartbeat_timeout_seconds: int = 100  # a process silent this long is lost: the others fail and exit
+    initialization_timeout_seconds: int = 300  # how long each process waits for all to connect
 
 
 @dataclass
@@ -121,6 +123,9 @@ class PretrainConfig:
     seed: int = 0
     eval_at_start: bool = False  # evaluate the untrained model too (a baseline row at step 0)
     max_steps: Optional[int] = None  # stop early (smoke tests); the LR schedule still spans all steps
+    # Testing hook (fault injection): step k's loss and gradients are NaN, inside the jitted step, so
+    # the NaN/inf check stops the run as a diverged one would. None (the default) changes nothing.
+    fault_nan_at_step: Optional[int] = None
     # Names and places.
     project_name: Optional[str] = None
     run_name: Optional[str] = None

@@ -23,7 +23,7 @@ from kellen.data import format as fmt
 from kellen.data.sampler import TrainSampler, eval_batches, num_eval_batches
 from kellen.model.config import ConfigError
 from kellen.model.flops import peak_tflops, train_step_flops
-from kellen.train import mesh as meshlib
+from kellen.train import distributed, mesh as meshlib
 from kellen.train.config import PretrainConfig, trm_config
 from kellen.train.evaluate import make_eval_step, normalise_eval, normalise_train
 from kellen.train.progress import Progress
@@ -96,15 +96,23 @@ def local_rows(sharding, global_batch: int):
     return lo // (hi - lo), global_batch // (hi - lo)
 
 
+def load_data(cfg: PretrainConfig):
+    """(train split, test split, model config they fix); DataError names the file and key of a
+    missing, corrupt or misfit dataset. `run` calls it before the run dir is touched."""
+    root = cfg.data_paths[0]
+    train = fmt.load_split(root, "train")
+    test = fmt.load_split(cfg.data_paths_test[0] if cfg.data_paths_test else root, "test")
+    meta = train.meta
+    model_cfg = trm_config(cfg.arch, meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)
+    fmt.check_fits(test.meta, model_cfg, os.path.join(test.path, "dataset.json"))
+    return train, test, model_cfg
+
+
 class Trainer:
-    def __init__(self, cfg: PretrainConfig, record: RunRecord, devices=None):
+    def __init__(self, cfg: PretrainConfig, record: RunRecord, devices=None, data=None):
         self.cfg, self.record = cfg, record
-        root = cfg.data_paths[0]
-        self.train_split = fmt.load_split(root, "train")
-        self.test_split = fmt.load_split(cfg.data_paths_test[0] if cfg.data_paths_test else root, "test")
+        self.train_split, self.test_split, self.model_cfg = data or load_data(cfg)
         meta = self.train_split.meta
-        self.model_cfg = trm_config(cfg.arch, meta.seq_len, meta.vocab_size, meta.num_puzzle_identifiers)
-        fmt.check_fits(self.test_split.meta, self.model_cfg, os.path.join(self.test_split.path, "dataset.json"))
         self.mesh = meshlib.make_mesh(dict(cfg.mesh.axes), devices)
         meshlib.check_batch(self.mesh, cfg.mesh.data_axes, cfg.global_batch_size)
         self.epochs_per_iter = cfg.eval_interval or cfg.epochs
@@ -138,7 +146,7 @@ class Trainer:
                                                       cfg.mesh.fsdp_min_size)
         rep = meshlib.replicated(self.mesh)
         self.init_fn = jax.jit(init_fn, out_shardings=self.state_sharding)
-        step = make_train_step(self.model_cfg, self.opt, self.total_steps, b)
+        step = make_train_step(self.model_cfg, self.opt, self.total_steps, b, cfg.fault_nan_at_step)
         self.train_step = jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding, rep),
                                   out_shardings=(self.state_sharding, rep, rep), donate_argnums=0)
         self.compiled_step = None  # compiled ahead of the first step, to time the compile on its own
@@ -189,6 +197,7 @@ class Trainer:
         if start_step == 0 and cfg.eval_at_start:
             self._eval_and_log(state, 0)
         groups_per_step = cfg.global_batch_size / self.train_split.meta.mean_puzzle_examples
+        every_save = cfg.checkpoint_every_steps or cfg.save_checkpoint_steps
         while step < end:
             batch = self.global_batch(self.sampler.batch(step))
             rng = jax.random.fold_in(key, step)
@@ -206,6 +215,8 @@ class Trainer:
             self.step = step
             pending = (step, metrics, groups_per_step * step / self.train_split.meta.total_groups)
             if saver is not None:
+                if every_save and step % every_save == 0:  # check this step's loss before it is saved
+                    self._log_train(*pending, progress)
                 saver.after_step(step, state, key, lambda: self._log_train(*pending, progress))
             k += 1
             if k == self.sampler.batches_in(it) or step == end:
@@ -231,8 +242,9 @@ class Trainer:
         return sum(self.sampler.batches_in(i) for i in range(self.total_iters))
 
     def _log_train(self, step, metrics, epoch, progress) -> None:
-        if step % self.cfg.log_every and step != progress.total:
+        if (step % self.cfg.log_every and step != progress.total) or step == self._logged:
             return
+        self._logged = step
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         row = {"step": step, "epoch": round(epoch, 4), **normalise_train(m, self.cfg.global_batch_size),
                "train/lr": self.lr_at(step), **self.timer.perf(step), "time": time.time()}
@@ -246,6 +258,7 @@ class Trainer:
             self.heartbeat(step)
 
     _heartbeat = 0.0
+    _logged = -1  # the last step whose train row was logged (a step is logged once)
 
     def heartbeat(self, step: int) -> None:
         self._heartbeat = time.time()
@@ -306,9 +319,13 @@ def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str
     check_config(cfg)
     writer = jax.process_index() == 0
     ensure_dataset(cfg)  # every host with its own disk builds its own (deterministic) copy
+    data = load_data(cfg)  # a bad dataset is refused before the run dir is created or touched
     record = RunRecord(run_dir, writer)
     changed = check_resume_config(record, config_yaml)  # before any compile: refuse a changed model
-    trainer = Trainer(cfg, record)
+    trainer = Trainer(cfg, record, data=data)
+    distributed.on_peer_lost(lambda why, detail: (  # from the peer watch's thread, just before it exits
+        record.write_failed(trainer.step, why, detail, trainer.last_metrics),
+        record.status("failed", trainer.step, trainer.end_step(), trainer.last_metrics, reason=why)))
     hostnames = all_hostnames()
     meta = metadata(trainer.mesh, jax.process_count(), hostnames, repo)
     record.write_start(config_yaml, overrides, meta, resumed=changed is not None)
@@ -316,8 +333,16 @@ def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str
         record.write_reproduce(list(argv or []), meta["git"], meta["git"].get("remote"))
     config = yaml.safe_load(config_yaml)
     saver = RunCheckpoints(cfg, trainer, record, config)
-    wb, outcome, exit_code = None, "failed", 1
-    with warnings.catch_warnings():
+    wb, outcome, exit_code, failing = None, "failed", 1, False
+
+    def quietly_if_failing(write) -> None:  # a failing run's record is best effort (its disk may be full)
+        try:
+            write()
+        except OSError:
+            if not failing:
+                raise
+
+    with warnings.catch_warnings(), record.library_errors_to_log("absl", "asyncio"):  # Orbax noise: to train.log
         warnings.showwarning = lambda msg, cat, *a, **k: record.say(f"warning: {cat.__name__}: {msg}")
         try:
             state, key, start = saver.restore_or_init()
@@ -338,16 +363,20 @@ def run(cfg: PretrainConfig, run_dir: str, config_yaml: str, overrides: List[str
         except Preempted:
             outcome, exit_code = "preempted", Preempted.exit_code
             raise
-        except BaseException as e:  # FAILED.txt for anything else, then let it propagate
-            record.write_failed(trainer.step, f"{type(e).__name__}: {e}", traceback.format_exc(), trainer.last_metrics)
-            record.status("failed", trainer.step, trainer.end_step(), trainer.last_metrics)
+        except BaseException as e:  # FAILED.txt and status.json say why, then let it propagate
+            distributed.wait_if_peer_lost(e)  # a dead peer: the watch records that and exits
+            failing, reason, trace = True, f"{type(e).__name__}: {e}", traceback.format_exc()
+            quietly_if_failing(lambda: record.write_failed(trainer.step, reason, trace, trainer.last_metrics))
+            quietly_if_failing(lambda: record.status("failed", trainer.step, trainer.end_step(), trainer.last_metrics,
+                                                     reason=reason))
             raise
         finally:
+            distributed.sign_off("failed" if failing else "done")  # peers stop watching this one
             try:
-                record.write_derived()
+                quietly_if_failing(record.write_derived)
                 if wb is not None:
                     wb.finish(exit_code)
             finally:
                 saver.close()
-                record.close()
+                quietly_if_failing(record.close)
     return {"run_dir": run_dir, "final_eval": final, "outcome": outcome}

@@ -12,9 +12,11 @@ cannot be appended to; status.json is uploaded on its own at each heartbeat.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata as md
 import json
+import logging
 import os
 import platform
 import re
@@ -24,8 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Any, Callable, Dict, List, Optional
 
+from kellen.procs import owner
 from kellen.train.redact import environment, redact, redact_obj
 
 # Overrides that do not change what a run computes, so they do not rename it.
@@ -157,14 +161,16 @@ class RunRecord:
             self.sync()
 
     def status(self, state: str, step: int, total: Optional[int] = None,
-               metrics: Optional[Dict[str, Any]] = None) -> None:
+               metrics: Optional[Dict[str, Any]] = None, reason: Optional[str] = None) -> None:
         """status.json for any tool (runners, status tables): state, progress, last metrics and a
-        heartbeat; replaced atomically, uploaded on its own on gs://."""
+        heartbeat (and why, for a failed run); replaced atomically, uploaded on its own on gs://."""
         if not self.writer:
             return
         body = {"state": state, "step": step, "total": total, "metrics": metrics or {},
                 "heartbeat": _now(), "heartbeat_unix": round(time.time(), 3), "host": socket.gethostname(),
-                "pid": os.getpid()}
+                **owner()}  # pid, machine, start: a runner on this machine can tell whether it still runs
+        if reason is not None:
+            body["reason"] = reason
         self._write("status.json", json.dumps(body, default=float) + "\n")
         self.sync_file("status.json")
 
@@ -173,9 +179,49 @@ class RunRecord:
         if not self.writer:
             return
         if echo:
-            print(message, flush=True)
+            print(redact(message), flush=True)  # the console is kept too (batch logs, tmux, W&B)
         with open(os.path.join(self.local, "logs", "train.log"), "a") as f:
             f.write(f"{_now()} {redact(message)}\n")
+
+    @contextlib.contextmanager
+    def library_errors_to_log(self, *names: str):
+        """While in the block, errors logged by library loggers `names`, and errors that C extensions
+        cannot raise (sys.unraisablehook), go to logs/train.log only, not the console. A failed
+        background save makes Orbax log it, tracebacks and all, from several threads; tensorstore's
+        late write callbacks then hit Orbax's closed event loop, and asyncio reports the failed
+        futures when they are collected, which may be at exit. The run reports the error once, in one
+        line: so if the block fails, this stays in place until the process exits."""
+        if not self.writer:
+            yield
+            return
+        record = self
+
+        def to_log(text: str) -> None:
+            try:
+                record.say(text, echo=False)
+            except Exception:  # the log's disk may be the full one
+                pass
+
+        class ToTrainLog(logging.Filter):
+            def filter(self, rec: logging.LogRecord) -> bool:
+                if rec.levelno < logging.ERROR:
+                    return True
+                to_log(f"{rec.levelname} {rec.name}: " + logging.Formatter().format(rec))
+                return False
+
+        def unraisable(u) -> None:
+            where = f" in {u.object!r}" if u.object is not None else ""
+            to_log(f"{u.err_msg or 'exception ignored'}{where}:\n" +
+                   "".join(traceback.format_exception(u.exc_type, u.exc_value, u.exc_traceback)))
+
+        loggers, only, hook = [logging.getLogger(n) for n in names], ToTrainLog(), sys.unraisablehook
+        for logger in loggers:
+            logger.addFilter(only)
+        sys.unraisablehook = unraisable
+        yield  # an exception leaves it all in place (see above)
+        for logger in loggers:
+            logger.removeFilter(only)
+        sys.unraisablehook = hook
 
     def write_reproduce(self, argv: List[str], git: Dict[str, Any], repo_url: Optional[str]) -> None:
         """reproduce.sh: check out the commit, install, run the exact command."""

@@ -3,7 +3,7 @@ table, EMA. Mirrors the reference `train_batch` (loss scaled by 1/global_batch_s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,14 +59,19 @@ def init_train_state(cfg: TRMConfig, opt: OptimConfig, total_steps: int, key, ex
     }
 
 
-def make_train_step(cfg: TRMConfig, opt: OptimConfig, total_steps: int, global_batch_size: int):
-    """Returns train_step(state, batch, rng) -> (state, loss, metrics); jit it with shardings."""
+def make_train_step(cfg: TRMConfig, opt: OptimConfig, total_steps: int, global_batch_size: int,
+                    fault_nan_at_step: Optional[int] = None):
+    """Returns train_step(state, batch, rng) -> (state, loss, metrics); jit it with shardings.
+    `fault_nan_at_step=k` (a testing hook) makes update k (the one that ends at step k) produce a NaN
+    loss and NaN gradients, as a diverged step would; None traces exactly the plain step."""
     optimizer = make_optimizer(opt, total_steps)
     mult = _multiplier(opt, total_steps)
 
     def train_step(state: TrainState, batch, rng):
         weights = state["weights"]
         res = act_step(cfg, weights, state["carry"], batch, training=True, rng=rng, with_grads=True)
+        if fault_nan_at_step is not None:
+            res = _inject_nan(res, state["step"] + 1 == fault_nan_at_step)
         scale = 1.0 / global_batch_size
         g_params = jax.tree_util.tree_map(lambda g: g * scale, res["grads"]["params"])
         updates, opt_state = optimizer.update(g_params, state["opt_state"], weights["params"])
@@ -87,3 +92,11 @@ def make_train_step(cfg: TRMConfig, opt: OptimConfig, total_steps: int, global_b
         return new_state, res["loss"], metrics
 
     return train_step
+
+
+def _inject_nan(res, now):
+    """The fault_nan_at_step hook: when `now`, the loss, its logged parts and every gradient are NaN."""
+    factor = jnp.where(now, jnp.nan, 1.0)
+    metrics = {k: v * factor.astype(v.dtype) if k.endswith("loss") else v for k, v in res["metrics"].items()}
+    grads = jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), res["grads"])
+    return dict(res, loss=res["loss"] * factor.astype(res["loss"].dtype), metrics=metrics, grads=grads)
