@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tree_helpers import read_tree
 from pretrain_helpers import REPO, TEST_CONFIGS, clean_env, metrics
 from test_batch_runner import BATCH, batch_states, script, write_config
 from test_resume import run_args
@@ -44,13 +45,7 @@ def committed_steps(directory):
 
 
 def file_hashes(directory):
-    out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
-    return out
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in read_tree(directory).items()}
 
 
 def restore_state(directory, step):
