@@ -69,6 +69,22 @@ def _client_for(emulator_host):
         return storage.Client.create_anonymous_client()
 
 
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for a gs:// url or a local path alike."""
+    if is_gcs(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def local_path(root: str, rel: str, url: str = "gs://") -> str:
+    """``root/rel`` for the object ``url/rel``; refuses names that would land outside ``root``
+    (``..``, absolute)."""
+    local = os.path.normpath(os.path.join(root, rel))
+    if ".." in rel.split("/") or not local.startswith(root.rstrip(os.sep) + os.sep):
+        raise ValueError(f"refusing to download {url.rstrip('/')}/{rel}: it would land outside {root}")
+    return local
+
+
 def _dir_prefix(prefix: str) -> str:
     # "a/b" lists "a/b/..." only, never the sibling "a/bc".
     return prefix + "/" if prefix else ""
@@ -137,9 +153,7 @@ def download_tree(url: str, dest: str) -> str:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the renamed copy should read like a normal dir
         jobs = []
         for rel in rels:
-            local = os.path.normpath(os.path.join(tmp, rel))
-            if not local.startswith(tmp + os.sep):  # an object name like "../x" must not escape
-                raise ValueError(f"refusing to download {url}/{rel} outside {dest}")
+            local = local_path(tmp, rel, url)  # an object name like "../x" must not escape
             os.makedirs(os.path.dirname(local), exist_ok=True)
             jobs.append((_dir_prefix(prefix) + rel, local))
         bucket = client().bucket(bucket_name)

@@ -5,13 +5,12 @@ import csv
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from kellen.experiments import compare, compare_plots, records, report, spec
+from kellen.experiments import compare, compare_plots, records, spec
 from kellen.train import summary as summary_mod
 
 A, B, C = 0.95, 30.0, 0.5  # the true scaling law of the synthetic runs: acc = A - B * params^-C

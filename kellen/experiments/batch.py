@@ -32,8 +32,8 @@ from typing import Any, Dict, List, Optional
 from kellen import procs
 from kellen.experiments import lease as leases
 from kellen.experiments import runs
-from kellen.experiments.plan import (  # noqa: F401  (decide, plan_all, ... are used from here too)
-    STALE_AFTER_S, Plan, checkpoint_step, decide, missing_data, next_rerun, plan_all, run_status)
+# decide and plan_all are also used as batch.decide / batch.plan_all
+from kellen.experiments.plan import STALE_AFTER_S, Plan, decide, plan_all, run_status
 from kellen.experiments.runs import RunError, RunTarget, Selection
 
 DEFAULT_LOGS_DIR = "runs/_batches"

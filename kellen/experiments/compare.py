@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from kellen.experiments.records import REPO, RunResult, load_group_results
+from kellen.experiments.records import RunResult, load_group_results
 
 DEFAULT_OUT = "reports"
 THRESHOLDS = ("0.80", "0.85")
@@ -165,12 +165,13 @@ def print_table(rows: List[Dict[str, Any]], title: str, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    cols = columns(rows)
     table = Table(title=title, show_lines=False)
-    for c in columns(rows):
-        table.add_column(HEADERS.get(c, c), no_wrap=c not in ("note",), overflow="fold")
+    for c in cols:
+        table.add_column(HEADERS.get(c, c), no_wrap=c != "note", overflow="fold")
     for r in rows:
-        table.add_row(*[fmt_cell(c, r[c]) for c in columns(rows)])
-    Console(file=file or sys.stdout, width=max(120, 14 * len(columns(rows)))).print(table)
+        table.add_row(*[fmt_cell(c, r[c]) for c in cols])
+    Console(file=file or sys.stdout, width=max(120, 14 * len(cols))).print(table)
 
 
 # ----------------------------------------------------------------------------- the report

@@ -30,6 +30,8 @@ if __package__ in (None, ""):  # run as a script: make `kellen` importable from 
 
 from kellen.experiments import runs  # noqa: E402
 from kellen.experiments.runs import RunError  # noqa: E402
+from kellen.experiments.spec import flatten  # noqa: E402
+from kellen.gcs import join  # noqa: E402
 from kellen.cli import ArgumentParser  # noqa: E402
 
 MISSING = "<missing>"
@@ -44,17 +46,11 @@ def _read(path: str) -> Optional[str]:
     return read(path)
 
 
-def _join(run_dir: str, name: str) -> str:
-    return f"{run_dir.rstrip('/')}/{name}" if run_dir.startswith("gs://") else os.path.join(run_dir, name)
-
-
 def check_run_name(name: str) -> str:
     """Run names are config names plus `--key=value` variants: [A-Za-z0-9_.=+-], not starting with '.'."""
-    try:
-        runs.check_name(name.replace("=", "_").replace("+", "_"), "run name")
-    except RunError:
+    if not runs.is_run_name(name):
         raise RunError(f"invalid run name {name!r}: use only letters, digits and '_.-=+' "
-                       f"(not starting with '.'), or give a run dir path") from None
+                       f"(not starting with '.'), or give a run dir path")
     return name
 
 
@@ -83,7 +79,7 @@ def find_run_dir(ref: str, results_dir: str = "results", output_root: Optional[s
     for root in dict.fromkeys(roots):
         run_dir = runs.join_path(root, group, ref)
         try:
-            if _read(_join(run_dir, "config.yaml")) is not None:
+            if _read(join(run_dir, "config.yaml")) is not None:
                 return run_dir
             tried.append(run_dir)
         except Exception as e:  # noqa: BLE001 -- storage clients raise many kinds; an unreachable
@@ -93,7 +89,7 @@ def find_run_dir(ref: str, results_dir: str = "results", output_root: Optional[s
 
 
 def _load(run_dir: str, name: str, parse, required: bool = False) -> Any:
-    path = _join(run_dir, name)
+    path = join(run_dir, name)
     try:
         text = _read(path)
     except OSError as e:
@@ -106,16 +102,6 @@ def _load(run_dir: str, name: str, parse, required: bool = False) -> Any:
         return parse(text)
     except (yaml.YAMLError, ValueError) as e:
         raise RunError(f"{path}: malformed: {' '.join(str(e).split())}") from None
-
-
-def flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
-    """{'arch': {'hidden_size': 32}} -> {'arch.hidden_size': 32}; lists and empty dicts are values."""
-    if not isinstance(d, dict) or (not d and prefix):
-        return {prefix: d}
-    out: Dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -138,7 +124,7 @@ def diff_runs(dir_a: str, dir_b: str) -> Dict[str, Any]:
     for d in (dir_a, dir_b):
         body = _load(d, "config.yaml", yaml.safe_load, required=True)
         if not isinstance(body, dict):
-            raise RunError(f"{_join(d, 'config.yaml')}: not a YAML mapping")
+            raise RunError(f"{join(d, 'config.yaml')}: not a YAML mapping")
         cfg.append(flatten(body))
         over.append(_load(d, "overrides.yaml", lambda t: yaml.safe_load(t) or []))
         m = _load(d, "metadata.json", json.loads)

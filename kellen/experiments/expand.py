@@ -428,8 +428,9 @@ def _names(add, gid: str, names: Optional[list], entries: List[dict]) -> List[st
             if names and e["name"] != names[i]:
                 add(f"variables.runs[{e['index']}].name", f"{e['name']!r} but names[{i}] is {names[i]!r}")
             name, key = str(e["name"]), f"variables.runs[{e['index']}].name"
-        if name_problem(name) and not (key == "id" and name_problem(gid)):  # a bad id is reported once
-            add(key, f"run name {name!r} {name_problem(name)}")
+        problem = name_problem(name)
+        if problem and not (key == "id" and name_problem(gid)):  # a bad id is reported once
+            add(key, f"run name {name!r} {problem}")
         elif name in out:
             add(key, f"run name {name!r} appears twice")
         out.append(name)

@@ -20,6 +20,7 @@ import sys
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from kellen.cli import ArgumentParser
+from kellen.experiments.spec import flatten
 from kellen.experiments.status import check_criteria, group_status, overall_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # parent of kellen/
@@ -60,17 +61,6 @@ def hours(h: Optional[float]) -> str:
         return "unknown"
     text = f"{h:g} h"
     return f"{text} ({h / 24:.1f} days)" if h >= 48 else text
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> List[Tuple[str, Any]]:
-    out: List[Tuple[str, Any]] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.extend(_flatten(v, key + "."))
-        else:
-            out.append((key, v))
-    return out
 
 
 def _rel(path: str) -> str:
@@ -183,9 +173,9 @@ def context(group, statuses: Optional[Mapping[str, Any]] = None, now=None,
         "status_collected": statuses is not None,
         "sweeps": sweeps,
         # What a group varies or derives is not one of its controls, even where its base fixes it.
-        "fixed": [(k, fmt(v)) for k, v in _flatten(group.fixed)
+        "fixed": [(k, fmt(v)) for k, v in flatten(group.fixed).items()
                   if k not in group.variables and k not in group.derived],
-        "data": [(k, fmt(v)) for k, v in _flatten(group.data)],
+        "data": [(k, fmt(v)) for k, v in flatten(group.data).items()],
         "columns": [c if c in group.variables else f"{c} (derived)" for c in columns],
         "configs": configs,
         "derived": [(k, expr) for k, expr in group.derived.items()],

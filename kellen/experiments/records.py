@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import yaml
 
 from kellen.experiments.status import _read, run_status
+from kellen.gcs import join
 from kellen.train import summary as summary_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,15 +70,11 @@ def group_dir(group, source: Optional[str] = None) -> str:
             return local
         source = group.output_root or "runs"
     source = source.rstrip("/") if source.startswith("gs://") else _abs(source)
-    if source.rstrip("/").rsplit("/", 1)[-1] == group.id and not _exists_dir(f"{source}/{group.id}"):
+    inner = join(source, group.id)
+    # A source ending in the group id is the group dir itself, unless (locally) it holds <group>/.
+    if source.rstrip("/").rsplit("/", 1)[-1] == group.id and (source.startswith("gs://") or not os.path.isdir(inner)):
         return source.rstrip("/")
-    return f"{source.rstrip('/')}/{group.id}" if source.startswith("gs://") else os.path.join(source, group.id)
-
-
-def _exists_dir(path: str) -> bool:
-    if path.startswith("gs://"):
-        return False  # only used to tell <root>/<group> from a group dir; gs:// roots name the root
-    return os.path.isdir(path)
+    return inner
 
 
 def run_dirs(gdir: str) -> List[str]:
@@ -99,17 +96,13 @@ def run_dirs(gdir: str) -> List[str]:
     return [n for n in names if not n.startswith(("_", "."))]
 
 
-def _join(d: str, rel: str) -> str:
-    return f"{d}/{rel}" if d.startswith("gs://") else os.path.join(d, rel)
-
-
 def load_run(name: str, run_dir: str, group, spec_values: Optional[Dict[str, Any]] = None) -> RunResult:
     status = run_status(run_dir)
     result = RunResult(name=name, run_dir=run_dir, in_spec=spec_values is not None,
                        values=dict(spec_values or {}), status=status)
     if status.get("error"):
         result.notes.append(status["error"])
-    text = _safe_read(_join(run_dir, "config.yaml"), result)
+    text = _safe_read(join(run_dir, "config.yaml"), result)
     if status["state"] == "not_started":
         if text is None:
             result.notes.append("no run record")
@@ -127,7 +120,7 @@ def load_run(name: str, run_dir: str, group, spec_values: Optional[Dict[str, Any
         value = dotted(result.config, key)
         if value is not None:
             result.values[key] = value
-    text = _safe_read(_join(run_dir, "logs/metrics.jsonl"), result)
+    text = _safe_read(join(run_dir, "logs/metrics.jsonl"), result)
     if text is None:
         result.notes.append("no logs/metrics.jsonl")
     else:
@@ -153,7 +146,7 @@ def load_group_results(group, source: Optional[str] = None) -> List[RunResult]:
     """Every run of `group`: the spec's runs in spec order, then other run dirs found (sorted)."""
     gdir = group_dir(group, source)
     found = run_dirs(gdir)
-    out = [load_run(r.name, _join(gdir, r.name), group, dict(r.values)) for r in group.runs]
+    out = [load_run(r.name, join(gdir, r.name), group, dict(r.values)) for r in group.runs]
     spec_names = {r.name for r in group.runs}
-    out += [load_run(n, _join(gdir, n), group) for n in found if n not in spec_names]
+    out += [load_run(n, join(gdir, n), group) for n in found if n not in spec_names]
     return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from kellen import gcs
+from kellen.gcs import local_path  # noqa: F401 -- object names never escape dest
 from kellen.experiments import spec
 
 PARTIAL_SUFFIX = ".kellen-partial"
@@ -127,14 +128,6 @@ def _list(url: str, patterns: List[str], with_checkpoints: bool, local_root: str
             continue
         out.append((blob, local_path(root, rel, url)))
     return out
-
-
-def local_path(root: str, rel: str, url: str = "gs://") -> str:
-    """``root/rel``; refuses object names that would land outside ``root`` (``..``, absolute)."""
-    local = os.path.normpath(os.path.join(root, rel))
-    if ".." in rel.split("/") or not local.startswith(root.rstrip(os.sep) + os.sep):
-        raise ValueError(f"refusing to download {url.rstrip('/')}/{rel}: it would land outside {root}")
-    return local
 
 
 def _b64(digest: bytes) -> str:

@@ -24,9 +24,8 @@ if __package__ in (None, ""):  # run as a script: make `kellen` importable from 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from kellen.experiments.run_experiment_batch import (  # noqa: E402
-    add_common, check_overrides, make_launcher, normalise_roots, tmux_relaunch)
+    add_common, check_overrides, make_launcher, normalise_roots, script_main, tmux_relaunch)
 from kellen.experiments.runs import RunError, Selection  # noqa: E402
-from kellen.experiments.run_experiment_batch import Parser  # noqa: E402
 
 PROG = "run_experiment.py"
 
@@ -89,10 +88,7 @@ def run_args(args, argv: list, prog: str = PROG) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run_args(p.parse_intermixed_args(argv), argv)  # overrides may follow the options too
+    return script_main(PROG, __doc__, add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

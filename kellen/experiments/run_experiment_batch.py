@@ -183,8 +183,7 @@ def run_args(args, argv: list, prog: str = PROG) -> int:
             what = " or ".join([f"--pattern {p!r}" for p in args.pattern] + [f"--regex {r!r}" for r in args.regex])
             raise RunError(f"{what} matches no config in {where}")
         check_overrides(selected, selection.overrides, args.config_dir, args.output_root)
-        if args.tmux is not None and not args.dry_run:  # a dry run just prints, here
-            runs.select(selection, args.config_dir)  # refuse bad names before tmux sees them
+        if args.tmux is not None and not args.dry_run:  # a dry run just prints, here (names checked above)
             return tmux_relaunch(args, argv, __file__, "-".join(args.pattern + names + args.regex)[:40])
         launcher = None if args.dry_run else make_launcher(args)
     except RunError as e:
@@ -196,11 +195,16 @@ def run_args(args, argv: list, prog: str = PROG) -> int:
                            argv=[sys.executable, os.path.abspath(__file__), *argv])
 
 
-def main(argv=None) -> int:
+def script_main(prog: str, doc: str, add_args, run, argv=None) -> int:
+    """The command line of a runner script (this one and run_experiment.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run_args(p.parse_intermixed_args(argv), argv)  # overrides may follow the options too
+    p = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return run(p.parse_intermixed_args(argv), argv)  # overrides may follow the options too
+
+
+def main(argv=None) -> int:
+    return script_main(PROG, __doc__, add_arguments, run_args, argv)
 
 
 if __name__ == "__main__":

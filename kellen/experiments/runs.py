@@ -33,7 +33,7 @@ EXIT_COMPLETED, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
 DEFAULT_DATA_PATH = "data/sudoku-extreme-1k-aug-1000"  # the schema's data_paths default
 NOT_RUNS = ("cfg_pretrain",)  # primary configs that are bases, not runs (still runnable by name)
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_RUN_NAME = re.compile(r"[A-Za-z0-9_.=+-]+")  # config names plus `--key=value` variants
 _SAFE_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
 _OVERRIDE = re.compile(r"(\+{1,2}|~)?[A-Za-z_][A-Za-z0-9_./@]*(=.*)?", re.S)
 
@@ -44,9 +44,16 @@ class RunError(ValueError):
 
 def check_name(name: str, what: str = "run name") -> str:
     """Refuse anything but [A-Za-z0-9_.-]+ (and '.'/'..'-style names) before it reaches a path or argv."""
-    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or name.startswith("."):
+    from kellen.experiments.spec import name_problem  # one rule for spec names and run names
+
+    if name_problem(name):
         raise RunError(f"invalid {what} {name!r}: use only letters, digits, '_', '.', '-' (not starting with '.')")
     return name
+
+
+def is_run_name(value: Any) -> bool:
+    """A run name (a config name or a `<name>--key=value` variant): [A-Za-z0-9_.=+-], not starting with '.'."""
+    return bool(_RUN_NAME.fullmatch(str(value))) and not str(value).startswith(".")
 
 
 def check_pattern(pattern: str) -> str:
@@ -78,8 +85,7 @@ def check_override(override: str) -> str:
     if ".." in key:
         raise RunError(f"invalid override {override!r}: '..' in the key")
     parsed = override_values([override]).get(key) if eq else None
-    if key in _NAME_KEYS and parsed is not None and (
-            not re.fullmatch(r"[A-Za-z0-9_.=+-]+", str(parsed)) or str(parsed).startswith(".")):
+    if key in _NAME_KEYS and parsed is not None and not is_run_name(parsed):
         raise RunError(f"invalid override {override!r}: {key} must be letters, digits, '_', '.', '-', '=', '+' "
                        "(not starting with '.')")
     if key in _PATH_KEYS and isinstance(parsed, str) and ".." in parsed.replace("\\", "/").split("/"):
@@ -130,7 +136,9 @@ def discover(config_dir: Optional[str] = None) -> List[str]:
     if not os.path.isdir(d):
         raise RunError(f"config dir {d} does not exist")
     names = [f[:-5] for f in os.listdir(d) if f.endswith(".yaml") and os.path.isfile(os.path.join(d, f))]
-    return sorted(n for n in names if _SAFE_NAME.fullmatch(n) and not n.startswith(("_", ".")) and n not in NOT_RUNS)
+    from kellen.experiments.spec import name_problem
+
+    return sorted(n for n in names if not name_problem(n) and not n.startswith("_") and n not in NOT_RUNS)
 
 
 def read_config_yaml(path: str) -> Dict[str, Any]:
@@ -158,9 +166,10 @@ def override_values(overrides: List[str]) -> Dict[str, Any]:
 
 
 def join_path(root: str, *parts: str) -> str:
-    if root.startswith("gs://"):
-        return "/".join([root.rstrip("/"), *parts])
-    return os.path.join(root if os.path.isabs(root) else os.path.join(REPO, root), *parts)
+    """`root/parts...`; a relative local root is the repo's (where run commands start)."""
+    from kellen import gcs
+
+    return gcs.join(root if gcs.is_gcs(root) or os.path.isabs(root) else os.path.join(REPO, root), *parts)
 
 
 def resolve(name: str, overrides: Optional[List[str]] = None, *, config_dir: Optional[str] = None,
@@ -214,7 +223,7 @@ def with_values(target: RunTarget, cfg: Dict[str, Any]) -> RunTarget:
     run = run_name(cfg.get("run_name"), target.config_name, target.overrides)
     group = cfg.get("group") or default_group(run)
     for label, value in (("run name", run), ("group", group)):
-        if not re.fullmatch(r"[A-Za-z0-9_.=+-]+", str(value)) or str(value).startswith("."):
+        if not is_run_name(value):
             raise RunError(f"{target.config_name}: invalid {label} {value!r}")
     run_dir = join_path(str(cfg.get("output_root") or "runs"), str(group), run)
     checkpoint = cfg.get("checkpoint_path")

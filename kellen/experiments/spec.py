@@ -72,6 +72,7 @@ import yaml
 from kellen.model.config import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+MAPPING_SUFFIX = ".run_mapping"
 
 
 def name_problem(name: Any) -> Optional[str]:
@@ -80,7 +81,6 @@ def name_problem(name: Any) -> Optional[str]:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         return "has characters outside [A-Za-z0-9_.-]"
     return "starts with '.'" if name.startswith(".") else None
-MAPPING_SUFFIX = ".run_mapping"
 
 
 class SpecError(ConfigError):
@@ -282,6 +282,18 @@ def _check_fields(raw: dict, path: str, problems: Problems) -> dict:
             problems.add(path, key, f"expected {want}, got {type(value).__name__}")
             continue
         out[key] = value
+    return out
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{'arch': {'hidden_size': 32}} -> {'arch.hidden_size': 32}; lists and empty dicts are values."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
     return out
 
 

@@ -121,6 +121,10 @@ class Checkpointer:
         self.poll = jax.process_count() == 1
         self.failed = False  # a save failed (and was raised); close() then lets the run's error stand
 
+    def due(self, step: int) -> bool:
+        """A periodic save (every `every_steps`, the Orbax policy's interval) falls on this step."""
+        return bool(self.every_steps and step % self.every_steps == 0)
+
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
 
@@ -128,7 +132,7 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Start an async save (if the policy or `force` says so); raises CheckpointSaveError for a
         previous save that failed, as soon as it has finished."""
-        self._settle(block=force or bool(self.every_steps and step % self.every_steps == 0))
+        self._settle(block=force or self.due(step))
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"train": flatten(state), "rng": rng_data}),

@@ -197,7 +197,6 @@ class Trainer:
         if start_step == 0 and cfg.eval_at_start:
             self._eval_and_log(state, 0)
         groups_per_step = cfg.global_batch_size / self.train_split.meta.mean_puzzle_examples
-        every_save = cfg.checkpoint_every_steps or cfg.save_checkpoint_steps
         while step < end:
             batch = self.global_batch(self.sampler.batch(step))
             rng = jax.random.fold_in(key, step)
@@ -215,8 +214,6 @@ class Trainer:
             self.step = step
             pending = (step, metrics, groups_per_step * step / self.train_split.meta.total_groups)
             if saver is not None:
-                if every_save and step % every_save == 0:  # check this step's loss before it is saved
-                    self._log_train(*pending, progress)
                 saver.after_step(step, state, key, lambda: self._log_train(*pending, progress))
             k += 1
             if k == self.sampler.batches_in(it) or step == end:

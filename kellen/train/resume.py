@@ -97,6 +97,10 @@ class RunCheckpoints:
         return jax.make_array_from_callback(data.shape, meshlib.replicated(self.trainer.mesh), lambda i: data[i])
 
     def after_step(self, step: int, state, key, flush) -> None:
+        """`flush` logs the step's train row, whose NaN/inf check stops the run: done before a save
+        of this step, so a diverged state is never saved, and before a preemption exit."""
+        if self.ckpt.due(step):
+            flush()
         self._save(step, state, key)
         if self.preempt(step):
             flush()
